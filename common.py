@@ -5,7 +5,6 @@ reference log-probs, checkpoints, the training loop. Loss math, β/γ/α and met
 live in the method files (dpo.py, simpo.py, ...), never here.
 """
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -16,9 +15,10 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,8 +129,10 @@ def parse_args(args_cls: type[TrainArgs], argv: list[str] | None = None) -> Trai
 
 
 def check_args(args: TrainArgs, world_size: int) -> None:
-    per_step = args.micro_batch_size * world_size
-    if args.global_batch_size % per_step:
+    for name in ("micro_batch_size", "global_batch_size", "num_epochs", "logps_chunk_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1")
+    if args.global_batch_size % (args.micro_batch_size * world_size):
         raise InputError(
             f"--global_batch_size {args.global_batch_size} is not a multiple of --micro_batch_size "
             f"{args.micro_batch_size} x {world_size} processes; pick sizes that divide"
@@ -140,9 +142,6 @@ def check_args(args: TrainArgs, world_size: int) -> None:
             f"--max_prompt_length {args.max_prompt_length} must be smaller than --max_length {args.max_length}, "
             "or no completion token is left"
         )
-    for name in ("micro_batch_size", "num_epochs", "logps_chunk_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be at least 1")
 
 
 # ---- model and tokenizer ----
@@ -209,10 +208,9 @@ def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
         return build_tiny_model(tokenizer, seed, dtype), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)) and not Path(
-        name
-    ).expanduser().is_dir():
-        raise InputError(f"model folder not found: {name} (pass a hub name, a local model folder, or 'tiny')")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise InputError(f"{name} is not a model folder (no config.json); pass a hub name, a model folder, or 'tiny'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -276,7 +274,9 @@ def load_data(args: TrainArgs) -> tuple[list[dict], str, list[dict], str]:
         train, sources = read_rows(Path(args.data).expanduser()), (args.data, args.test_data)
         if args.test_data:
             test = read_rows(Path(args.test_data).expanduser())
-        else:  # hold out 5% of the rows, seeded, and keep their row numbers for error messages
+        else:  # hold out 5% of the rows, seeded; check them first so errors name the file's own row numbers
+            for row_no, row in enumerate(train, 1):
+                parse_row(row, args.data, row_no)
             order = np.random.default_rng(args.seed).permutation(len(train))
             n_test = min(1000, max(1, len(train) // 20))
             test = [train[i] for i in sorted(order[:n_test])]
@@ -289,8 +289,9 @@ def load_data(args: TrainArgs) -> tuple[list[dict], str, list[dict], str]:
             train = load_dataset(args.data, split=args.train_split).to_list()
             test = load_dataset(args.data, split=args.test_split).to_list()
         except Exception as e:  # hub, network and split errors all end here
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise InputError(
-                f"could not load data set '{args.data}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"could not load data set '{args.data}' ({type(e).__name__}: {reason}); "
                 "pass a hub name, a local .jsonl/.json/.parquet file or folder, or 'tiny'"
             ) from None
         sources = f"{args.data}[{args.train_split}]", f"{args.data}[{args.test_split}]"
@@ -512,7 +513,8 @@ def _shard_logps(policy: LogpsModel, pairs: list[Pair], batch_size: int, pad_id:
     out = torch.zeros(len(pairs), 4, device=device)
     policy.eval()
     with torch.no_grad():
-        for k in tqdm(range(rank, len(batches) + world - 1, world), desc=desc, disable=rank != 0, leave=False):
+        n_slots = -(-len(batches) // world) * world
+        for k in tqdm(range(rank, n_slots, world), desc=desc, disable=rank != 0, leave=False):
             # Every rank runs the same number of forwards: FSDP all-gathers need all of them.
             batch = batches[k] if k < len(batches) else batches[0][:1]
             logps, lens = policy(*(t.to(device) for t in collate([pairs[i] for i in batch], pad_id)))
@@ -611,7 +613,11 @@ def save_model(output_dir: Path, policy: LogpsModel, tokenizer, args: TrainArgs,
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         model = policy.model
+        # Tied weights (lm_head = embeddings) come back from the gather as two tensors: keep the one name
+        # from_pretrained expects, as an unsharded save_pretrained would.
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
         state = {k.removeprefix("model."): v.to(save_dtype) for k, v in full.items()}
+        state = {k: v for k, v in state.items() if k not in tied}
         model.config.dtype = save_dtype
         model.config.use_cache = True
         model.save_pretrained(output_dir, state_dict=state)
@@ -712,7 +718,8 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         log(f"dropped {train_empty} training and {test_empty} held-out pairs left with no completion after truncation")
     if len(train_pairs) < args.global_batch_size:
         raise InputError(
-            f"{train_source}: {len(train_pairs)} usable pairs, fewer than one --global_batch_size {args.global_batch_size}"
+            f"{train_source}: {len(train_pairs)} usable pairs, fewer than one "
+            f"--global_batch_size {args.global_batch_size}"
         )
 
     policy = shard_model(model, args, device)
@@ -734,9 +741,11 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / "metrics.jsonl"
     if rank == 0:
-        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start_step] if (
-            args.resume and metrics_file.exists()
-        ) else []
+        kept = (
+            [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            if (args.resume and metrics_file.exists())
+            else []
+        )
         metrics_file.write_text("".join(line + "\n" for line in kept))
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
 
@@ -768,23 +777,29 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         totals = torch.zeros(9, device=device)
         for micro in range(accumulation):
             ids = batch[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
-            input_ids, attention_mask, completion_mask = (t.to(device) for t in collate([train_pairs[i] for i in ids], pad_id))
+            input_ids, attention_mask, completion_mask = (
+                t.to(device) for t in collate([train_pairs[i] for i in ids], pad_id)
+            )
             policy.set_requires_gradient_sync(micro == accumulation - 1)
             logps, lens = policy(input_ids, attention_mask, completion_mask)
             lp = pair_logps(logps, lens, train_ref[ids] if train_ref is not None else None)
             losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
             (losses.sum() / per_rank).backward()  # FSDP averages over ranks: the mean over the global batch
-            totals += torch.stack([
-                losses.detach().sum(),
-                chosen_rewards.sum(),
-                rejected_rewards.sum(),
-                ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).sum(),
-                (chosen_rewards - rejected_rewards).sum(),
-                lp.chosen.detach().sum(),
-                lp.rejected.detach().sum(),
-                torch.tensor(float(len(ids)), device=device),
-                attention_mask.sum().float(),
-            ])
+            totals += torch.stack(
+                [
+                    losses.detach().sum(),
+                    chosen_rewards.sum(),
+                    rejected_rewards.sum(),
+                    (
+                        (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+                    ).sum(),
+                    (chosen_rewards - rejected_rewards).sum(),
+                    lp.chosen.detach().sum(),
+                    lp.rejected.detach().sum(),
+                    torch.tensor(float(len(ids)), device=device),
+                    attention_mask.sum().float(),
+                ]
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
@@ -814,13 +829,17 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
         bar.update()
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1, loss_state.state_dict() if loss_state else {})
+            save_checkpoint(
+                output_dir, policy, optimizer, scheduler, step + 1, loss_state.state_dict() if loss_state else {}
+            )
     bar.close()
 
     save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     save_model(output_dir, policy, tokenizer, args, save_dtype)
     if rank == 0:
-        shutil.rmtree(output_dir / "checkpoint", ignore_errors=True)  # the run is complete: the model folder replaces it
+        shutil.rmtree(
+            output_dir / "checkpoint", ignore_errors=True
+        )  # the run is complete: the model folder replaces it
     if "eval/reward_accuracy" in result:
         start = f"{first_accuracy:.3f} -> " if first_accuracy is not None else ""
         log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")

@@ -18,8 +18,10 @@ WORDS = (
     "tiger plant chair north sugar dream field glass honey lemon metal night orange pilot quiet "
     "robin sand train voice water yellow zebra amber candle forest garden island jacket kettle"
 ).split()
-ASK = {"upper": ["Say in UPPER case:", "Shout these words:", "Write in capitals:"],
-       "lower": ["Say in lower case:", "Whisper these words:", "Write in small letters:"]}
+ASK = {
+    "upper": ["Say in UPPER case:", "Shout these words:", "Write in capitals:"],
+    "lower": ["Say in lower case:", "Whisper these words:", "Write in small letters:"],
+}
 
 
 def make_row(rng: random.Random) -> dict:

@@ -1,0 +1,166 @@
+"""Data loading and bad input: every malformed row or flag fails before training with one line naming the file,
+row and field; the chat-template tokenization and truncation follow the rules in common.tokenize_pairs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import common
+
+REPO = common.REPO_DIR
+
+
+def good_row(prompt="Say hi", chosen="hi", rejected="bye"):
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": rejected}],
+    }
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+BAD_ROWS = [
+    ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "field 'prompt' must be a non-empty string"),
+    ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "field 'prompt' must be a non-empty string"),
+    ({"prompt": "p", "rejected": "b"}, "field 'chosen' is missing"),
+    ({"prompt": "p", "chosen": "a"}, "field 'rejected' is missing"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "field 'chosen': empty reply"),
+    ({"prompt": "p", "chosen": "a", "rejected": 3}, "field 'rejected': expected a non-empty string or list"),
+    ({"prompt": "p", "chosen": [], "rejected": "b"}, "field 'chosen': expected a non-empty string or list"),
+    ({**good_row(), "chosen": [{"role": "user", "content": "p"}]}, "field 'chosen': the last message must be"),
+    (
+        {**good_row(), "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": " "}]},
+        "field 'rejected': empty assistant reply",
+    ),
+    (
+        {**good_row(), "chosen": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+        "field 'chosen': message 0 needs a string 'content'",
+    ),
+    (
+        {**good_row(), "chosen": [{"content": "p"}, {"role": "assistant", "content": "a"}]},
+        "field 'chosen': message 0 needs a string 'role'",
+    ),
+    (
+        {**good_row(), "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+        "start from different conversations",
+    ),
+]
+
+
+@pytest.mark.parametrize("bad_row, message", BAD_ROWS)
+def test_bad_row_names_file_row_and_field(tmp_path, tiny, bad_row, message):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(), good_row(), bad_row, good_row()])
+    rows = common.read_rows(path)
+    with pytest.raises(common.InputError) as error:
+        common.tokenize_pairs(rows, str(path), tiny[1], common.TrainArgs())
+    assert str(error.value).startswith(f"{path}: row 3: ")
+    assert message in str(error.value)
+
+
+def test_broken_json_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(good_row()) + "\n{not json\n")
+    with pytest.raises(common.InputError, match=r"prefs.jsonl: row 2: not valid JSON"):
+        common.read_rows(path)
+
+
+def test_unknown_data_path_and_model(tmp_path):
+    with pytest.raises(common.InputError, match="data file not found"):
+        common.load_data(common.TrainArgs(data=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(common.InputError, match="could not load data set 'no-such-org/no-such-data'"):
+        common.load_data(common.TrainArgs(data="no-such-org/no-such-data"))
+    with pytest.raises(common.InputError, match="is not a model folder"):
+        common.load_model_and_tokenizer(str(tmp_path))
+    with pytest.raises(common.InputError, match="could not load model 'no-such-org/no-such-model'"):
+        common.load_model_and_tokenizer("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (dict(global_batch_size=128, micro_batch_size=3), 1, "not a multiple of --micro_batch_size 3 x 1"),
+        (dict(global_batch_size=12, micro_batch_size=4), 2, "not a multiple of --micro_batch_size 4 x 2"),
+        (dict(max_length=512, max_prompt_length=512), 1, "--max_prompt_length 512 must be smaller"),
+        (dict(micro_batch_size=0), 1, "--micro_batch_size must be at least 1"),
+    ],
+)
+def test_bad_flags(overrides, world, message):
+    with pytest.raises(common.InputError, match=message):
+        common.check_args(common.TrainArgs(**overrides), world)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    """The script itself prints one line and exits 2, before any training, with no traceback."""
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(), {"prompt": "p", "chosen": "a"}])
+    result = subprocess.run(
+        [sys.executable, "dpo.py", "--model", "tiny", "--data", str(path), "--output_dir", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"dpo: error: {path}: row 2: field 'rejected' is missing"
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_tokenization_uses_the_chat_template(tiny):
+    """Prompt = template with the generation prompt; completion = the rest of the conversation; no extra BOS/EOS."""
+    tokenizer = tiny[1]
+    pairs, dropped = common.tokenize_pairs([good_row("Q?", "yes", "no")], "mem", tokenizer, common.TrainArgs())
+    (pair,) = pairs
+    assert dropped == 0
+    assert tokenizer.decode(pair.prompt_ids) == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(pair.chosen_ids) == "yes<|im_end|>\n"
+    assert tokenizer.decode(pair.rejected_ids) == "no<|im_end|>\n"
+
+
+def test_plain_string_replies(tiny):
+    """chosen/rejected as plain strings: the prompt becomes one user turn."""
+    row = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    (pair,), _ = common.tokenize_pairs([row], "mem", tiny[1], common.TrainArgs())
+    assert tiny[1].decode(pair.prompt_ids + pair.chosen_ids) == (
+        "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    )
+
+
+def test_truncation_keeps_prompt_end_and_cuts_completion(tiny):
+    tokenizer = tiny[1]
+    args = common.TrainArgs(max_length=30, max_prompt_length=20)
+    (pair,), _ = common.tokenize_pairs([good_row("x" * 50, "y" * 40, "z")], "mem", tokenizer, args)
+    assert len(pair.prompt_ids) == 20
+    assert tokenizer.decode(pair.prompt_ids).endswith("x<|im_end|>\n<|im_start|>assistant\n")
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 30 and tokenizer.decode(pair.chosen_ids) == "y" * 10
+    assert tokenizer.decode(pair.rejected_ids) == "z<|im_end|>\n"
+
+
+def test_empty_completion_is_dropped_and_counted():
+    """A template that renders no completion for a reply leaves nothing to score: the pair is dropped and counted."""
+    tokenizer = common.build_tiny_tokenizer()
+    tokenizer.chat_template = common.TINY_CHAT_TEMPLATE.replace(
+        "{%- for message in messages %}", "{%- for message in messages if message['content'] != 'SKIP' %}"
+    ).replace("if add_generation_prompt", "if add_generation_prompt or messages[-1]['content'] == 'SKIP'")
+    rows = [good_row(), good_row(chosen="SKIP"), good_row()]
+    pairs, dropped = common.tokenize_pairs(rows, "mem", tokenizer, common.TrainArgs())
+    assert (len(pairs), dropped) == (2, 1)
+
+
+def test_local_file_holds_out_five_percent(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(f"p{i}") for i in range(100)])
+    train, _, test, _ = common.load_data(common.TrainArgs(data=str(path)))
+    assert (len(train), len(test)) == (95, 5)
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+
+
+def test_tiny_data_is_well_formed(tiny):
+    train, train_source, test, test_source = common.load_data(common.TrainArgs(data="tiny", max_test_samples=None))
+    assert (len(train), len(test)) == (1600, 200)
+    pairs, dropped = common.tokenize_pairs(train, train_source, tiny[1], common.TrainArgs())
+    assert dropped == 0 and len(pairs) == 1600

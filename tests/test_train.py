@@ -1,0 +1,158 @@
+"""End-to-end training on the embedded tiny default: the run learns (held-out reward accuracy from about 0.5 to
+at least 0.9) and writes a Hugging Face folder; reference log-probs are cached and reused, and never computed
+for a reference-free loss; 2 FSDP processes on gloo end with the same weights as 1 process; a run interrupted
+after a checkpoint and resumed ends with the same weights as an uninterrupted one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import common
+import dpo
+
+SMALL = ["--max_train_samples", "64", "--global_batch_size", "16", "--micro_batch_size", "4", "--num_epochs", "1"]
+
+
+def run(tmp_path, name, extra=(), loss_fn=dpo.loss_fn, needs_reference=True):
+    argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(tmp_path / "refs"), *extra]
+    return common.train(common.parse_args(dpo.Args, argv), loss_fn, needs_reference, "dpo")
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_learns_and_reuses_reference(tmp_path, capsys):
+    result = run(tmp_path, "run")
+    log = capsys.readouterr().out
+    first = metrics(tmp_path / "run")[0]
+    assert first["step"] == 0 and 0.4 <= first["eval/reward_accuracy"] <= 0.6  # policy = reference: all ties
+    assert result["eval/reward_accuracy"] >= 0.9
+    assert "reference log-probs (train): computed 1600 pairs" in log
+    assert len(list((tmp_path / "refs").glob("*.pt"))) == 2  # train and held-out
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert tokenizer.chat_template == common.TINY_CHAT_TEMPLATE
+    initial = common.build_tiny_model(common.build_tiny_tokenizer(), seed=42)
+    assert not torch.equal(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["beta"] == 0.01
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+    # Same model and data, other training flags: the cached reference is reused, not recomputed.
+    run(tmp_path, "again", ["--num_epochs", "1", "--learning_rate", "1e-4"])
+    log = capsys.readouterr().out
+    assert "reference log-probs (train): reusing cache" in log and "computed" not in log
+
+
+def test_reference_free_never_computes_reference(tmp_path, monkeypatch):
+    def length_normalised_loss(lp, args):
+        assert lp.ref_chosen is None and lp.ref_rejected is None
+        chosen, rejected = lp.chosen / lp.chosen_len, lp.rejected / lp.rejected_len
+        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("reference log-probs requested by a reference-free run")
+
+    monkeypatch.setattr(common, "reference_logps", no_reference)
+    run(tmp_path, "free", SMALL, loss_fn=length_normalised_loss, needs_reference=False)
+    assert not (tmp_path / "refs").exists()
+    assert (tmp_path / "free" / "model.safetensors").is_file()
+
+
+def test_two_fsdp_processes_match_one(tmp_path):
+    """Same global batch of 16: 1 process accumulates 4 micro-batches of 4, 2 processes 2 each, sharded by FSDP2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common_flags = ["dpo.py", "--model", "tiny", *SMALL, "--learning_rate", "1e-3"]
+    one = [
+        sys.executable,
+        *common_flags,
+        "--output_dir",
+        str(tmp_path / "one"),
+        "--ref_cache_dir",
+        str(tmp_path / "r1"),
+    ]
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *common_flags,
+        "--output_dir",
+        str(tmp_path / "two"),
+        "--ref_cache_dir",
+        str(tmp_path / "r2"),
+    ]
+    for command in (one, two):
+        result = subprocess.run(command, cwd=common.REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 x 2 x 4)" in result.stdout
+    weights_one, weights_two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert weights_one.keys() == weights_two.keys()
+    initial = common.build_tiny_model(common.build_tiny_tokenizer(), seed=42).state_dict()
+    for name in weights_one:
+        assert not torch.equal(weights_one[name], initial[name]) or "norm" in name, name  # training moved it
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-5, msg=name)
+    loss_one = [m["loss"] for m in metrics(tmp_path / "one")[1:]]
+    loss_two = [m["loss"] for m in metrics(tmp_path / "two")[1:]]
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+
+
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    flags = [
+        "--max_train_samples",
+        "96",
+        "--global_batch_size",
+        "16",
+        "--micro_batch_size",
+        "8",
+        "--num_epochs",
+        "2",
+        "--save_steps",
+        "4",
+    ]  # 12 steps over 2 epochs, checkpoints at 4 and 8
+    run(tmp_path, "straight", flags)
+
+    save = common.save_checkpoint
+
+    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state):
+        save(output_dir, policy, optimizer, scheduler, step, loss_state)
+        if step == 8:
+            raise KeyboardInterrupt  # as if the job were killed right after its second checkpoint
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "resumed", flags)
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    with pytest.raises(common.InputError, match="already holds a checkpoint: pass --resume"):
+        run(tmp_path, "resumed", flags)
+    run(tmp_path, "resumed", [*flags, "--resume"])
+
+    straight, resumed = (
+        load_file(tmp_path / "straight" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == list(range(13))
+    assert [m["loss"] for m in metrics(tmp_path / "resumed")[1:]] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "straight")[1:]], rel=1e-6
+    )
+
+
+def test_resume_without_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(common.InputError, match="--resume: no checkpoint in .*; run without --resume"):
+        run(tmp_path, "nothing", [*SMALL, "--resume"])
