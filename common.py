@@ -91,8 +91,8 @@ class TrainArgs:
     """bf16 compute with fp32 master weights on GPU (CPU always runs fp32)"""
     gradient_checkpointing: bool = False
     """recompute decoder activations in backward: about one more forward, much less memory"""
-    logps_chunk_size: int = 1024
-    """completion tokens per lm_head chunk; the full [N, T, V] logits never exist"""
+    logps_chunk_size: int = 256
+    """completion tokens per lm_head chunk (memory ~ 3 x chunk x vocabulary floats); [N, T, V] never exists"""
     eval_steps: int = 0
     """also measure held-out reward accuracy every N steps (0: only at start and end)"""
     save_steps: int = 100
@@ -201,27 +201,44 @@ def build_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32):
     return model
 
 
-def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
-    """A hub name, a local folder, or 'tiny'. Never trust_remote_code."""
+def _cannot_load(name: str, error: Exception) -> InputError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"could not load model '{name}': {reason} (pass a hub name, a local model folder, or 'tiny')")
+
+
+def load_tokenizer(name: str):
+    """The tokenizer alone, so data errors show up before a large model is loaded."""
     if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer, seed, dtype), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
 
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
     if looks_local and not (Path(name).expanduser() / "config.json").is_file():
         raise InputError(f"{name} is not a model folder (no config.json); pass a hub name, a model folder, or 'tiny'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"could not load model '{name}': {first_line} (pass a hub name, a local model folder, or 'tiny')"
-        ) from None
+        raise _cannot_load(name, e) from None
     if not tokenizer.chat_template:
         raise InputError(f"model '{name}' has no chat template: minpo tokenizes with the model's own template")
-    return model, tokenizer
+    return tokenizer
+
+
+def load_model(name: str, tokenizer, dtype=torch.float32, seed: int = 0):
+    if name == "tiny":
+        return build_tiny_model(tokenizer, seed, dtype)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(name, e) from None
+
+
+def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
+    """A hub name, a local folder, or 'tiny'. Never trust_remote_code."""
+    tokenizer = load_tokenizer(name)
+    return load_model(name, tokenizer, dtype, seed), tokenizer
 
 
 # ---- data ----
@@ -417,7 +434,7 @@ def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
 
 
 def batch_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 1024
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 256
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens [N] and their count [N], without the [N, T, V] logits.
 
@@ -467,7 +484,7 @@ class LogpsModel(nn.Module):
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Without torchrun, a one-process group, so there is one code path."""
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
     device = device or torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -544,7 +561,9 @@ def reference_logps(
     compute_dtype = "bf16" if device.type == "cuda" and args.bf16 else "fp32"
     cache_dir = Path(args.ref_cache_dir).expanduser()
     cache_file = cache_dir / f"{ref_cache_key(args.model, compute_dtype, pairs)}.pt"
-    if cache_file.is_file():
+    cached = torch.tensor(float(cache_file.is_file()))
+    dist.all_reduce(cached, op=dist.ReduceOp.MIN)  # every rank must agree, or some would wait in forwards
+    if cached.item():
         log(f"reference log-probs ({name}): reusing cache {cache_file}")
         return torch.load(cache_file, map_location=device)
     ref = _shard_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
@@ -608,8 +627,8 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler) -> tuple[int, dict
     return trainer["step"], trainer["loss_state"]
 
 
-def save_model(output_dir: Path, policy: LogpsModel, tokenizer, args: TrainArgs, save_dtype: torch.dtype) -> None:
-    """A Hugging Face model folder that from_pretrained and vLLM load unchanged, plus args.json."""
+def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torch.dtype) -> None:
+    """A Hugging Face model folder that from_pretrained and vLLM load unchanged."""
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         model = policy.model
@@ -622,7 +641,6 @@ def save_model(output_dir: Path, policy: LogpsModel, tokenizer, args: TrainArgs,
         model.config.use_cache = True
         model.save_pretrained(output_dir, state_dict=state)
         tokenizer.save_pretrained(output_dir)
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     dist.barrier()
 
 
@@ -709,7 +727,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         )
     torch.manual_seed(args.seed)
 
-    model, tokenizer = load_model_and_tokenizer(args.model, torch.float32, args.seed)
+    tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, train_source, test_rows, test_source = load_data(args)
     train_pairs, train_empty = tokenize_pairs(train_rows, train_source, tokenizer, args)
@@ -722,7 +740,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
             f"--global_batch_size {args.global_batch_size}"
         )
 
-    policy = shard_model(model, args, device)
+    policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed), args, device)
     train_ref = test_ref = None
     if needs_reference:  # before any checkpoint is loaded: the reference is the initial model
         train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train", log)
@@ -770,7 +788,9 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     bar = tqdm(total=total_steps, initial=start_step, desc=method, disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
-        batch = step_batches(train_pairs, args, epoch)[index][rank::world]  # rank r: every world-th by length
+        if step == start_step or index == 0:
+            epoch_batches = step_batches(train_pairs, args, epoch)
+        batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
         started = time.perf_counter()
         # On-device sums, reduced once per step: loss, rewards (chosen, rejected), accuracy, margin,
         # logps (chosen, rejected), pairs, tokens.
@@ -835,7 +855,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     bar.close()
 
     save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    save_model(output_dir, policy, tokenizer, args, save_dtype)
+    save_model(output_dir, policy, tokenizer, save_dtype)
     if rank == 0:
         shutil.rmtree(
             output_dir / "checkpoint", ignore_errors=True
@@ -854,5 +874,6 @@ def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=N
     try:
         train(args, loss_fn, needs_reference, method, loss_state)
     except InputError as e:
-        print(f"{method}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{method}: error: {e}", file=sys.stderr)
         sys.exit(2)
