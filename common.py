@@ -675,22 +675,19 @@ def pair_logps(logps: Tensor, lens: Tensor, ref: Tensor | None) -> PairLogps:
     return PairLogps(logps[:b], logps[b:], ref_chosen, ref_rejected, lens[:b], lens[b:])
 
 
+def correct(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """[B] 1 where the chosen reward wins, 0.5 on a tie (policy = reference at step 0), else 0."""
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
 def evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device) -> dict:
-    """Held-out reward accuracy: the share of pairs whose chosen reward beats the rejected one (ties count half)."""
+    """Held-out reward accuracy: the share of pairs whose chosen reward beats the rejected one."""
     out = _shard_logps(policy, test_pairs, 2 * args.micro_batch_size, pad_id, device, "held-out")
-    lp = PairLogps(
-        out[:, 0],
-        out[:, 1],
-        test_ref[:, 0] if test_ref is not None else None,
-        test_ref[:, 1] if test_ref is not None else None,
-        out[:, 2],
-        out[:, 3],
-    )
+    lp = pair_logps(torch.cat([out[:, 0], out[:, 1]]), torch.cat([out[:, 2], out[:, 3]]), test_ref)
     with torch.no_grad():
         losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
-    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     return {
-        "eval/reward_accuracy": accuracy.mean().item(),
+        "eval/reward_accuracy": correct(chosen_rewards, rejected_rewards).mean().item(),
         "eval/loss": losses.mean().item(),
         "eval/margin": (chosen_rewards - rejected_rewards).mean().item(),
     }
@@ -700,6 +697,52 @@ def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, pad_id, device) -> dict:
+    """One optimizer step over this rank's share of the global batch (indices into pairs and ref), in
+    micro-batches; returns its metrics."""
+    started = time.perf_counter()
+    per_rank = args.global_batch_size // dist.get_world_size()
+    n_micro = per_rank // args.micro_batch_size
+    # On-device sums, reduced once per step: loss, rewards (chosen, rejected), accuracy, margin,
+    # logps (chosen, rejected), tokens.
+    totals = torch.zeros(8, device=device)
+    for micro in range(n_micro):
+        ids = batch[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
+        input_ids, attention_mask, completion_mask = (t.to(device) for t in collate([pairs[i] for i in ids], pad_id))
+        policy.set_requires_gradient_sync(micro == n_micro - 1)
+        logps, lens = policy(input_ids, attention_mask, completion_mask)
+        lp = pair_logps(logps, lens, ref[ids] if ref is not None else None)
+        losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
+        (losses.sum() / per_rank).backward()  # FSDP averages over ranks: the mean over the global batch
+        totals += torch.stack(
+            [
+                losses.detach().sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                correct(chosen_rewards, rejected_rewards).sum(),
+                (chosen_rewards - rejected_rewards).sum(),
+                lp.chosen.detach().sum(),
+                lp.rejected.detach().sum(),
+                attention_mask.sum(),
+            ]
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = all_reduce_sum(totals).tolist()
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"]
+    names += ["logps/chosen", "logps/rejected"]
+    return {
+        **{name: total / args.global_batch_size for name, total in zip(names, totals)},
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm.item(),
+        "tokens/s": totals[7] / (time.perf_counter() - started),
+        "peak_memory_gb": peak_memory_gb(device),
+    }
 
 
 def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state=None) -> dict:
@@ -772,8 +815,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    per_rank = args.global_batch_size // world
-    accumulation = per_rank // args.micro_batch_size
+    accumulation = args.global_batch_size // world // args.micro_batch_size
     log(
         f"{method}: {len(train_pairs)} pairs, {total_steps} steps of {args.global_batch_size} "
         f"({world} x {accumulation} x {args.micro_batch_size}), {len(test_pairs)} held-out pairs, on {device.type}"
@@ -791,57 +833,8 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         if step == start_step or index == 0:
             epoch_batches = step_batches(train_pairs, args, epoch)
         batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
-        started = time.perf_counter()
-        # On-device sums, reduced once per step: loss, rewards (chosen, rejected), accuracy, margin,
-        # logps (chosen, rejected), pairs, tokens.
-        totals = torch.zeros(9, device=device)
-        for micro in range(accumulation):
-            ids = batch[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
-            input_ids, attention_mask, completion_mask = (
-                t.to(device) for t in collate([train_pairs[i] for i in ids], pad_id)
-            )
-            policy.set_requires_gradient_sync(micro == accumulation - 1)
-            logps, lens = policy(input_ids, attention_mask, completion_mask)
-            lp = pair_logps(logps, lens, train_ref[ids] if train_ref is not None else None)
-            losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
-            (losses.sum() / per_rank).backward()  # FSDP averages over ranks: the mean over the global batch
-            totals += torch.stack(
-                [
-                    losses.detach().sum(),
-                    chosen_rewards.sum(),
-                    rejected_rewards.sum(),
-                    (
-                        (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-                    ).sum(),
-                    (chosen_rewards - rejected_rewards).sum(),
-                    lp.chosen.detach().sum(),
-                    lp.rejected.detach().sum(),
-                    torch.tensor(float(len(ids)), device=device),
-                    attention_mask.sum().float(),
-                ]
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals = all_reduce_sum(totals).tolist()
-        n = totals[7]
-        record = {
-            "step": step + 1,
-            "epoch": epoch + (index + 1) / steps_per_epoch,
-            "loss": totals[0] / n,
-            "rewards/chosen": totals[1] / n,
-            "rewards/rejected": totals[2] / n,
-            "rewards/accuracy": totals[3] / n,
-            "rewards/margin": totals[4] / n,
-            "logps/chosen": totals[5] / n,
-            "logps/rejected": totals[6] / n,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm.item(),
-            "tokens/s": totals[8] / (time.perf_counter() - started),
-            "peak_memory_gb": peak_memory_gb(device),
-        }
+        record = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch}
+        record |= train_step(policy, optimizer, scheduler, batch, train_pairs, train_ref, loss_fn, args, pad_id, device)
         if test_pairs and (step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)):
             record |= evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
         write_metrics(record)
@@ -856,10 +849,8 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
 
     save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
     save_model(output_dir, policy, tokenizer, save_dtype)
-    if rank == 0:
-        shutil.rmtree(
-            output_dir / "checkpoint", ignore_errors=True
-        )  # the run is complete: the model folder replaces it
+    if rank == 0:  # the run is complete: the model folder replaces its checkpoint
+        shutil.rmtree(output_dir / "checkpoint", ignore_errors=True)
     if "eval/reward_accuracy" in result:
         start = f"{first_accuracy:.3f} -> " if first_accuracy is not None else ""
         log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")
