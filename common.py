@@ -561,7 +561,7 @@ def reference_logps(
     compute_dtype = "bf16" if device.type == "cuda" and args.bf16 else "fp32"
     cache_dir = Path(args.ref_cache_dir).expanduser()
     cache_file = cache_dir / f"{ref_cache_key(args.model, compute_dtype, pairs)}.pt"
-    cached = torch.tensor(float(cache_file.is_file()))
+    cached = torch.tensor(float(cache_file.is_file()), device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(cached, op=dist.ReduceOp.MIN)  # every rank must agree, or some would wait in forwards
     if cached.item():
         log(f"reference log-probs ({name}): reusing cache {cache_file}")
