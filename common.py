@@ -579,7 +579,7 @@ def reference_logps(
 # ---- checkpoints ----
 
 
-def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, loss_state: dict) -> None:
+def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int) -> None:
     """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG and data position,
     written to checkpoint.tmp and then swapped in, so a crash never leaves a half-written checkpoint."""
     rank = dist.get_rank()
@@ -594,7 +594,7 @@ def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, l
         tmp / f"rng_rank{rank}.pt",
     )
     if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "loss_state": loss_state}, tmp / "trainer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -611,7 +611,7 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler) -> tuple[int, dict]:
+def load_checkpoint(path: Path, policy, optimizer, scheduler) -> int:
     model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
@@ -624,7 +624,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler) -> tuple[int, dict
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-    return trainer["step"], trainer["loss_state"]
+    return trainer["step"]
 
 
 def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torch.dtype) -> None:
@@ -745,16 +745,16 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
     }
 
 
-def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state=None) -> dict:
+def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str) -> dict:
     """The whole run. Returns the last metrics (held-out accuracy included)."""
     rank, world, device = setup_distributed()
     try:
-        return _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device)
+        return _train(args, loss_fn, needs_reference, method, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device) -> dict:
+def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
     def log(message):
         if rank == 0:
             tqdm.write(f"[minpo] {message}")
@@ -795,9 +795,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
     start_step = 0
     if args.resume:
-        start_step, saved_loss_state = load_checkpoint(checkpoint_path, policy, optimizer, scheduler)
-        if loss_state is not None:
-            loss_state.load_state_dict(saved_loss_state)
+        start_step = load_checkpoint(checkpoint_path, policy, optimizer, scheduler)
         log(f"resumed from {checkpoint_path} at step {start_step}")
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / "metrics.jsonl"
@@ -842,9 +840,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
         bar.update()
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(
-                output_dir, policy, optimizer, scheduler, step + 1, loss_state.state_dict() if loss_state else {}
-            )
+            save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1)
     bar.close()
 
     save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
@@ -858,12 +854,12 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     return result
 
 
-def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=None) -> None:
+def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool) -> None:
     """Entry point of every method file: parse flags, train, and print bad input as one line."""
     method = Path(inspect.getfile(loss_fn)).stem
     args = parse_args(args_cls)
     try:
-        train(args, loss_fn, needs_reference, method, loss_state)
+        train(args, loss_fn, needs_reference, method)
     except InputError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{method}: error: {e}", file=sys.stderr)

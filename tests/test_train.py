@@ -128,8 +128,8 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
     save = common.save_checkpoint
 
-    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state):
-        save(output_dir, policy, optimizer, scheduler, step, loss_state)
+    def save_then_crash(output_dir, policy, optimizer, scheduler, step):
+        save(output_dir, policy, optimizer, scheduler, step)
         if step == 8:
             raise KeyboardInterrupt  # as if the job were killed right after its second checkpoint
 
