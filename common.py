@@ -5,6 +5,7 @@ reference log-probs, checkpoints, the training loop. Loss math, β/γ/α and met
 live in the method files (dpo.py, simpo.py, ...), never here.
 """
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -224,12 +226,18 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, tokenizer, dtype=torch.float32, seed: int = 0):
+def load_model(name: str, tokenizer, dtype=torch.float32, seed: int = 0, empty: bool = False):
+    """empty=True builds the architecture on the meta device, without weights: ranks other than 0 do
+    this and receive the weights from rank 0 once sharded, so a node reads and holds the model once."""
     if name == "tiny":
-        return build_tiny_model(tokenizer, seed, dtype)
-    from transformers import AutoModelForCausalLM
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            return build_tiny_model(tokenizer, seed, dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if empty:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from None
@@ -505,11 +513,19 @@ def shard_model(model: nn.Module, args: TrainArgs, device: torch.device) -> Logp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     policy = LogpsModel(model, args.logps_chunk_size)
+    full_state = policy.state_dict() if dist.get_rank() == 0 else {}
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
             fully_shard(module, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
     fully_shard(policy, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+    if dist.get_world_size() > 1:  # the other ranks hold empty (meta) shards: rank 0 sends the weights
+        if dist.get_rank() != 0:
+            policy.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(policy, full_state, options=options)
+        for buffer in policy.buffers():  # e.g. rotary frequencies, which no state dict carries
+            dist.broadcast(buffer, src=0)
     return policy.to(device)
 
 
@@ -783,7 +799,7 @@ def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
             f"--global_batch_size {args.global_batch_size}"
         )
 
-    policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed), args, device)
+    policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed, empty=rank != 0), args, device)
     train_ref = test_ref = None
     if needs_reference:  # before any checkpoint is loaded: the reference is the initial model
         train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train", log)
