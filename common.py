@@ -48,6 +48,11 @@ class InputError(ValueError):
     """Bad input from the user: printed as one line, no traceback."""
 
 
+def first_line(error: Exception) -> str:
+    """The gist of a library's (often multi-line) error, for a one-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # ---- arguments ----
 
 
@@ -204,8 +209,8 @@ def build_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32):
 
 
 def _cannot_load(name: str, error: Exception) -> InputError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InputError(f"could not load model '{name}': {reason} (pass a hub name, a local model folder, or 'tiny')")
+    hint = "pass a hub name, a local model folder, or 'tiny'"
+    return InputError(f"could not load model '{name}': {first_line(error)} ({hint})")
 
 
 def load_tokenizer(name: str):
@@ -314,9 +319,8 @@ def load_data(args: TrainArgs) -> tuple[list[dict], str, list[dict], str]:
             train = load_dataset(args.data, split=args.train_split).to_list()
             test = load_dataset(args.data, split=args.test_split).to_list()
         except Exception as e:  # hub, network and split errors all end here
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise InputError(
-                f"could not load data set '{args.data}' ({type(e).__name__}: {reason}); "
+                f"could not load data set '{args.data}' ({type(e).__name__}: {first_line(e)}); "
                 "pass a hub name, a local .jsonl/.json/.parquet file or folder, or 'tiny'"
             ) from None
         sources = f"{args.data}[{args.train_split}]", f"{args.data}[{args.test_split}]"

@@ -30,7 +30,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import InputError
+from common import InputError, first_line, load_tokenizer
 
 REFERENCE_REPO = "tatsu-lab/alpaca_eval"
 REFERENCE_FILE = "alpaca_eval_gpt4_baseline.json"
@@ -66,10 +66,6 @@ class EvalArgs:
     """send the judge's requests to this OpenAI-compatible server, e.g. http://localhost:8000/v1"""
     judge_model: str | None = None
     """model name the judge asks for (None: the annotator's own, gpt-4-1106-preview for the default)"""
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_args(args: EvalArgs) -> None:
@@ -149,18 +145,6 @@ def pick_backend(args: EvalArgs) -> str:
     if args.backend != "auto":
         return args.backend
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-
-
-def load_tokenizer(checkpoint: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError) as e:
-        raise InputError(f"could not load a tokenizer from {checkpoint}: {first_line(e)}") from None
-    if not tokenizer.chat_template:
-        raise InputError(f"{checkpoint} has no chat template: the instructions are asked in the model's own template")
-    return tokenizer
 
 
 def hf_generator(args: EvalArgs) -> Generate:
