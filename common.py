@@ -110,7 +110,7 @@ class TrainArgs:
     """where reference log-probs are cached, shared by every method"""
 
 
-# The embedded tiny run: a random model learns the tiny task in about a minute on 2 CPU cores.
+# The embedded tiny run: a random model learns the tiny task in about 30 seconds on 2 CPU cores.
 # Applied to --model tiny for every field not given on the command line.
 TINY_DEFAULTS = dict(
     data="tiny",
