@@ -599,9 +599,10 @@ def reference_logps(
 # ---- checkpoints ----
 
 
-def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int) -> None:
-    """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG and data position,
-    written to checkpoint.tmp and then swapped in, so a crash never leaves a half-written checkpoint."""
+def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, loss_state=None) -> None:
+    """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG, data position and the
+    loss's state (the same on every rank), written to checkpoint.tmp and then swapped in, so a crash never
+    leaves a half-written checkpoint."""
     rank = dist.get_rank()
     final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
     if rank == 0:
@@ -614,7 +615,8 @@ def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int) -
         tmp / f"rng_rank{rank}.pt",
     )
     if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
+        loss = loss_state.state_dict() if loss_state is not None else None
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "loss_state": loss}, tmp / "trainer.pt")
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -631,13 +633,15 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, policy, optimizer, scheduler, loss_state=None) -> int:
     model_state, optim_state = get_state_dict(policy, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(trainer["scheduler"])
+    if loss_state is not None:
+        loss_state.load_state_dict(trainer["loss_state"])
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)
@@ -704,7 +708,7 @@ def evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device) -> dic
     """Held-out reward accuracy: the share of pairs whose chosen reward beats the rejected one."""
     out = _shard_logps(policy, test_pairs, 2 * args.micro_batch_size, pad_id, device, "held-out")
     lp = pair_logps(torch.cat([out[:, 0], out[:, 1]]), torch.cat([out[:, 2], out[:, 3]]), test_ref)
-    with torch.no_grad():
+    with torch.no_grad():  # also tells a stateful loss (gammapo.py) that these pairs are held out
         losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
     return {
         "eval/reward_accuracy": correct(chosen_rewards, rejected_rewards).mean().item(),
@@ -765,16 +769,20 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
     }
 
 
-def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str) -> dict:
-    """The whole run. Returns the last metrics (held-out accuracy included)."""
+def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state=None) -> dict:
+    """The whole run. Returns the last metrics (held-out accuracy included).
+
+    loss_state: what the loss keeps between steps (gammapo.py's history of reward gaps), or None. It has
+    reset(seed), state_dict() and load_state_dict(state); it is reset here and saved in checkpoints.
+    """
     rank, world, device = setup_distributed()
     try:
-        return _train(args, loss_fn, needs_reference, method, rank, world, device)
+        return _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
+def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device) -> dict:
     def log(message):
         if rank == 0:
             tqdm.write(f"[minpo] {message}")
@@ -789,6 +797,8 @@ def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
             f"{output_dir} already holds a checkpoint: pass --resume to continue it, or pick another --output_dir"
         )
     torch.manual_seed(args.seed)
+    if loss_state is not None:
+        loss_state.reset(args.seed)
 
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -815,7 +825,7 @@ def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
     start_step = 0
     if args.resume:
-        start_step = load_checkpoint(checkpoint_path, policy, optimizer, scheduler)
+        start_step = load_checkpoint(checkpoint_path, policy, optimizer, scheduler, loss_state)
         log(f"resumed from {checkpoint_path} at step {start_step}")
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / "metrics.jsonl"
@@ -860,7 +870,7 @@ def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
         bar.update()
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1)
+            save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1, loss_state)
     bar.close()
 
     save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
@@ -874,12 +884,12 @@ def _train(args, loss_fn, needs_reference, method, rank, world, device) -> dict:
     return result
 
 
-def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool) -> None:
+def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=None) -> None:
     """Entry point of every method file: parse flags, train, and print bad input as one line."""
     method = Path(inspect.getfile(loss_fn)).stem
     args = parse_args(args_cls)
     try:
-        train(args, loss_fn, needs_reference, method)
+        train(args, loss_fn, needs_reference, method, loss_state)
     except InputError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{method}: error: {e}", file=sys.stderr)

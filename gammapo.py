@@ -1,0 +1,105 @@
+"""γ-PO: Robust Preference Optimization via Dynamic Target Margins
+Sun et al. (2025, ACL), arXiv:2506.03690; the authors' code is sunjie279/gammaPO ("gm-simpo")
+
+    L = -log σ( g_i - γ_i ),   g_i = β/|y_w| · log π(y_w|x) - β/|y_l| · log π(y_l|x)
+    γ_i = γ0 · N · p_i,   p = argmin over the simplex of  1/N Σ_i -log σ(g_i - γ0 N p_i) + τ Σ_i p_i log(N p_i)
+
+SimPO with a margin per pair instead of one γ0 = gamma_beta_ratio · β for all. Compared with dpo.py:
+1. no reference model, log-probs averaged over completion tokens, as simpo.py,
+2. a target margin γ_i per pair, averaging γ0: larger for clear pairs (large gap g_i), smaller for
+   ambiguous ones, which are more likely mislabelled; τ → ∞ gives every pair γ0, i.e. SimPO,
+3. state: γ is solved (20 mirror-descent steps, as the authors' code) over this micro-step's gaps
+   from every rank plus up to 256 - B past gaps sampled from the last 2048 (seeded; saved in checkpoints).
+Held-out pairs (the loss called under no_grad) are solved on their own and never enter the history.
+
+    python gammapo.py --model tiny --data tiny
+    torchrun --nproc_per_node 8 gammapo.py --beta 2.5
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+import common
+
+NEEDS_REFERENCE = False
+HISTORY_SIZE = 2048  # past gaps kept (authors' code)
+SOLVE_SIZE = 256  # gaps per solve: this micro-step's plus sampled past ones (authors' code)
+
+
+def adaptive_margins(reward_gaps: Tensor, gamma0: float, tau: float, n_iters: int = 20) -> Tensor:
+    """γ_i for the gaps g_i [N]: the authors' solver, in float64 and detached; mean γ_i = γ0."""
+    gaps = reward_gaps.detach().double()
+    n = gaps.numel()
+    lr = min(0.5 / tau, 1.0)
+    p = torch.full_like(gaps, 1 / n)
+    for _ in range(n_iters):
+        gamma = gamma0 * n * p  # the value returned is the one from the last pass, before its update
+        grad = tau * (1 + torch.log(n * (p + 1e-10))) + gamma0 / (1 + torch.exp(gaps - gamma))
+        p = p * torch.exp(-lr * grad)
+        p = p / p.sum()
+    return gamma.to(torch.promote_types(reward_gaps.dtype, torch.float32))
+
+
+class GapHistory:
+    """The loss's one piece of state: recent training gaps, identical on every rank."""
+
+    def __init__(self, seed: int = 0):
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        self.gaps = torch.zeros(0, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)  # same seed on every rank: same samples
+
+    def state_dict(self) -> dict:
+        return {"gaps": self.gaps.cpu(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gaps = state["gaps"]
+        self.generator.set_state(state["generator"])
+
+    def margins(self, gaps: Tensor, gamma0: float, tau: float) -> Tensor:
+        if not torch.is_grad_enabled():  # held-out evaluation: all pairs at once, history untouched
+            return adaptive_margins(gaps, gamma0, tau)
+        every_rank = gaps.detach().double()  # [world · B], rank 0's first
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [torch.empty_like(every_rank) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, every_rank)
+            every_rank = torch.cat(parts)
+        n_past = max(0, min(len(self.gaps), SOLVE_SIZE - len(every_rank)))
+        past = self.gaps[torch.randperm(len(self.gaps), generator=self.generator)[:n_past]]
+        solved = adaptive_margins(torch.cat([every_rank, past.to(every_rank.device)]), gamma0, tau)
+        self.gaps = torch.cat([self.gaps, every_rank.cpu()])[-HISTORY_SIZE:]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return solved[rank * len(gaps) : (rank + 1) * len(gaps)].to(gaps.dtype)
+
+
+LOSS_STATE = GapHistory()  # common.train resets it with --seed and checkpoints it
+
+
+@dataclass
+class Args(common.TrainArgs):
+    beta: float = 2.5
+    """reward scale β (gammaPO task for Qwen2.5-7B-Instruct)"""
+    gamma_beta_ratio: float = 0.25
+    """mean target margin γ0/β (gammaPO task; SimPO repo naming)"""
+    tau: float = 3.0
+    """τ: weight of the entropy term; large τ keeps every margin near γ0 (gammaPO repo, Qwen config)"""
+    learning_rate: float = 5e-7
+    """peak learning rate (gammaPO task for Qwen2.5-7B-Instruct)"""
+
+
+def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:
+    chosen = lp.chosen / lp.chosen_len  # [B] average log-prob per completion token
+    rejected = lp.rejected / lp.rejected_len
+    gaps = args.beta * (chosen - rejected)  # g_i
+    margins = LOSS_STATE.margins(gaps, args.gamma_beta_ratio * args.beta, args.tau)  # γ_i, no gradient
+    losses = -F.logsigmoid(gaps - margins)
+    return losses, args.beta * chosen.detach(), args.beta * rejected.detach()
+
+
+if __name__ == "__main__":
+    common.main(Args, loss_fn, needs_reference=NEEDS_REFERENCE, loss_state=LOSS_STATE)
