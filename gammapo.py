@@ -83,13 +83,13 @@ LOSS_STATE = GapHistory()  # common.train resets it with --seed and checkpoints 
 @dataclass
 class Args(common.TrainArgs):
     beta: float = 2.5
-    """reward scale β (gammaPO task for Qwen2.5-7B-Instruct)"""
+    """reward scale β (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
     gamma_beta_ratio: float = 0.25
-    """mean target margin γ0/β (gammaPO task; SimPO repo naming)"""
+    """mean target margin γ0/β (minpo's Qwen2.5-7B-Instruct setting; the name is the SimPO repo's)"""
     tau: float = 3.0
-    """τ: weight of the entropy term; large τ keeps every margin near γ0 (gammaPO repo, Qwen config)"""
+    """τ: weight of the entropy term; large τ keeps every margin near γ0 (gammaPO repo, Qwen2.5-7B-Instruct config)"""
     learning_rate: float = 5e-7
-    """peak learning rate (gammaPO task for Qwen2.5-7B-Instruct)"""
+    """peak learning rate (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
 
 
 def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,11 +26,11 @@ LOSS_STATE = None  # the loss keeps nothing between steps
 @dataclass
 class Args(common.TrainArgs):
     beta: float = 2.5
-    """reward scale β (gammaPO task for Qwen2.5-7B-Instruct)"""
+    """reward scale β (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
     gamma_beta_ratio: float = 0.25
-    """target margin γ/β (gammaPO task; SimPO repo naming)"""
+    """target margin γ/β (minpo's Qwen2.5-7B-Instruct setting; the name is the SimPO repo's)"""
     learning_rate: float = 5e-7
-    """peak learning rate (gammaPO task for Qwen2.5-7B-Instruct)"""
+    """peak learning rate (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
 
 
 def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,8 @@
-"""End-to-end training on the embedded tiny default: the run learns (held-out reward accuracy from about 0.5 to
-at least 0.9) and writes a Hugging Face folder; reference log-probs are cached and reused, and never computed
-for a reference-free loss; 2 FSDP processes on gloo end with the same weights as 1 process; a run interrupted
-after a checkpoint and resumed ends with the same weights as an uninterrupted one."""
+"""End-to-end training on the embedded tiny default: every method learns (held-out reward accuracy from about 0.5
+to at least 0.9) and writes a Hugging Face folder; reference log-probs are cached and reused, and never computed
+for a reference-free loss; 2 FSDP processes on gloo end with the same weights as 1 process, and gammaPO's margins
+agree across them; a run interrupted after a checkpoint and resumed ends with the same weights as an uninterrupted
+one, gammaPO's gap history included."""
 
 import json
 import os
@@ -13,15 +14,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import alphapo
+import apo_hinge_zero
+import apo_zero
 import common
 import dpo
+import gammapo
+import ipo
+import margin_sigmoid
+import simpo
 
 SMALL = ["--max_train_samples", "64", "--global_batch_size", "16", "--micro_batch_size", "4", "--num_epochs", "1"]
 
 
-def run(tmp_path, name, extra=(), loss_fn=dpo.loss_fn, needs_reference=True):
-    argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(tmp_path / "refs"), *extra]
-    return common.train(common.parse_args(dpo.Args, argv), loss_fn, needs_reference, "dpo")
+def run(tmp_path, name, extra=(), method=dpo, loss_fn=None, needs_reference=None, ref_cache=None):
+    """`python <method>.py --model tiny ...extra`, in this process."""
+    ref_cache = ref_cache or tmp_path / "refs"
+    argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(ref_cache), *extra]
+    needs_reference = method.NEEDS_REFERENCE if needs_reference is None else needs_reference
+    args = common.parse_args(method.Args, argv)
+    return common.train(args, loss_fn or method.loss_fn, needs_reference, method.__name__, method.LOSS_STATE)
 
 
 def metrics(folder):
@@ -53,6 +65,19 @@ def test_tiny_run_learns_and_reuses_reference(tmp_path, capsys):
     assert "reference log-probs (train): reusing cache" in log and "computed" not in log
 
 
+@pytest.mark.parametrize("method", [ipo, simpo, apo_zero, apo_hinge_zero, margin_sigmoid, gammapo, alphapo])
+def test_every_method_learns_on_the_tiny_default(method, tmp_path, tmp_path_factory):
+    """`python <method>.py --model tiny --data tiny` with its own defaults (dpo.py: the test above)."""
+    result = run(
+        tmp_path, method.__name__, ["--data", "tiny"], method, ref_cache=tmp_path_factory.getbasetemp() / "refs"
+    )
+    first = metrics(tmp_path / method.__name__)[0]
+    assert 0.4 <= first["eval/reward_accuracy"] <= 0.6
+    assert result["eval/reward_accuracy"] >= 0.9
+    args = json.loads((tmp_path / method.__name__ / "args.json").read_text())
+    assert args["learning_rate"] == common.TINY_DEFAULTS["learning_rate"]
+
+
 def test_reference_free_never_computes_reference(tmp_path, monkeypatch):
     def length_normalised_loss(lp, args):
         assert lp.ref_chosen is None and lp.ref_rejected is None
@@ -63,7 +88,7 @@ def test_reference_free_never_computes_reference(tmp_path, monkeypatch):
         raise AssertionError("reference log-probs requested by a reference-free run")
 
     monkeypatch.setattr(common, "reference_logps", no_reference)
-    run(tmp_path, "free", SMALL, loss_fn=length_normalised_loss, needs_reference=False)
+    run(tmp_path, "free", SMALL, simpo, loss_fn=length_normalised_loss)
     assert not (tmp_path / "refs").exists()
     assert (tmp_path / "free" / "model.safetensors").is_file()
 
@@ -111,7 +136,30 @@ def test_two_fsdp_processes_match_one(tmp_path):
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
 
 
-def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
+def test_gammapo_margins_agree_across_two_processes(tmp_path):
+    """torchrun --nproc_per_node 2 gammapo.py: both ranks solve the same problem (every rank's gaps, then the same
+    sampled history) at every micro-step, get the same margins, and each uses its own slice of them."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(common.REPO_DIR / "tests" / "record_margins.py"), "--model", "tiny", *SMALL]
+    command += ["--output_dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=common.REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"margins_rank{r}.pt") for r in range(2)]
+    assert len(ranks[0]["solves"]) == 4 * 2  # 4 steps x 2 micro-batches of 4 pairs per rank
+    for (gaps0, margins0), (gaps1, margins1) in zip(ranks[0]["solves"], ranks[1]["solves"]):
+        assert torch.equal(gaps0, gaps1) and torch.equal(margins0, margins1)
+    for step, (gaps, margins) in enumerate(ranks[0]["solves"]):
+        assert len(gaps) == min(8 * (step + 1), 256)  # 2 ranks x 4 current gaps + every past one (fewer than 248)
+        for r in range(2):
+            local_gaps, local_margins = ranks[r]["used"][step]
+            torch.testing.assert_close(local_gaps.double(), gaps[4 * r : 4 * r + 4], rtol=0, atol=0)
+            torch.testing.assert_close(local_margins, margins[4 * r : 4 * r + 4].float(), rtol=0, atol=0)
+    assert not torch.equal(ranks[0]["used"][-1][1], ranks[1]["used"][-1][1])  # different pairs, different margins
+
+
+@pytest.mark.parametrize("method", [dpo, gammapo])
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch, method):
     flags = [
         "--max_train_samples",
         "96",
@@ -124,22 +172,22 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
         "--save_steps",
         "4",
     ]  # 12 steps over 2 epochs, checkpoints at 4 and 8
-    run(tmp_path, "straight", flags)
+    run(tmp_path, "straight", flags, method)
 
     save = common.save_checkpoint
 
-    def save_then_crash(output_dir, policy, optimizer, scheduler, step):
-        save(output_dir, policy, optimizer, scheduler, step)
+    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state):
+        save(output_dir, policy, optimizer, scheduler, step, loss_state)
         if step == 8:
             raise KeyboardInterrupt  # as if the job were killed right after its second checkpoint
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "resumed", flags)
+        run(tmp_path, "resumed", flags, method)
     monkeypatch.setattr(common, "save_checkpoint", save)
     with pytest.raises(common.InputError, match="already holds a checkpoint: pass --resume"):
-        run(tmp_path, "resumed", flags)
-    run(tmp_path, "resumed", [*flags, "--resume"])
+        run(tmp_path, "resumed", flags, method)
+    run(tmp_path, "resumed", [*flags, "--resume"], method)
 
     straight, resumed = (
         load_file(tmp_path / "straight" / "model.safetensors"),
