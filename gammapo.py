@@ -10,6 +10,7 @@ SimPO with a margin per pair instead of one γ0 = gamma_beta_ratio · β for all
    ambiguous ones, which are more likely mislabelled; τ → ∞ gives every pair γ0, i.e. SimPO,
 3. state: γ is solved (20 mirror-descent steps, as the authors' code) over this micro-step's gaps
    from every rank plus up to 256 - B past gaps sampled from the last 2048 (seeded; saved in checkpoints).
+
 Held-out pairs (the loss called under no_grad) are solved on their own and never enter the history.
 
     python gammapo.py --model tiny --data tiny
