@@ -2,19 +2,23 @@
 
 Both trainers get the same random-weight Qwen2 model (same seed), the same synthetic pairs (random token ids,
 fixed prompt and completion lengths, so no padding on either side), the same micro and global batch, precision,
-AdamW learning rate and number of optimizer steps. Warm-up steps are run and left out of the timing. Each trainer
-runs in its own process, so each gets its own peak memory (GPU: torch.cuda.max_memory_allocated; CPU: peak RSS).
+AdamW learning rate, gradient clipping and number of optimizer steps. Warm-up steps run first and are left out of
+the timing. Each trainer runs in its own process, so each gets its own peak memory (GPU:
+torch.cuda.max_memory_allocated; CPU: peak RSS of the process).
 
 Settings, each side at its fair best:
 - DPO: minpo caches reference log-probs before training; TRL's DPOTrainer gets `precompute_ref_log_probs=True`
-  (its own fastest option, 1.26x on CPU) and its default fused, chunked LM head. Neither time counts.
+  (its fastest option) and its default chunked LM head. Neither precompute is timed. `--trl_live_reference` adds
+  a TRL run with its default live reference model.
 - SimPO: minpo's simpo.py against TRL's CPOTrainer with loss_type="simpo", cpo_alpha=0 (TRL's SimPO).
-- TRL gets pre-tokenized ids (its tokenisation is skipped, not timed), no logging, saving or evaluation.
+- Gradient checkpointing is off on both sides (minpo's default and TRL's faster setting; TRL's own default is on);
+  `--gradient_checkpointing` turns it on for both.
+- TRL gets pre-tokenized ids (its tokenisation is skipped, not timed), no saving or evaluation, one log at the end.
 
-    pip install -r bench/requirements.txt           # trl 1.16, for this benchmark only
-    python bench/vs_trl.py                           # CPU config: DPO and SimPO, minpo and TRL
-    python bench/vs_trl.py --vocab 131072 --methods dpo    # the same at a 4x larger vocabulary
-    python bench/vs_trl.py --config gpu              # Qwen2.5-0.5B shape, bf16, 2048 tokens (one GPU)
+    pip install -r bench/requirements.txt             # trl 1.16, for this benchmark only
+    python bench/vs_trl.py                            # CPU config: DPO and SimPO, minpo and TRL
+    python bench/vs_trl.py --vocab 131072             # the same at a 4x larger vocabulary
+    python bench/vs_trl.py --config gpu               # Qwen2.5-0.5B shape, bf16, 2048 tokens (one GPU)
 """
 
 import argparse
@@ -27,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import date
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -48,7 +52,7 @@ class Config:
     micro_batch: int  # pairs per forward
     global_batch: int  # pairs per optimizer step
     steps: int  # timed optimizer steps
-    warmup: int  # untimed optimizer steps first
+    warmup_steps: int  # untimed optimizer steps first
     bf16: bool
 
 
@@ -58,7 +62,15 @@ CONFIGS = {
     # Qwen2.5-0.5B's shape: 24 layers, hidden 896, 14 heads (2 KV), vocabulary 151,936, tied embeddings.
     "gpu": Config(896, 24, 14, 2, 4864, 151936, 1024, 1024, 2, 16, 8, 2, True),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the data sheets
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 without sparsity, from the data sheets
+LEARNING_RATE = 1e-6
+RUNS = {  # label: (trainer, method)
+    "minpo dpo": ("minpo", "dpo"),
+    "trl dpo": ("trl", "dpo"),
+    "trl dpo, live reference": ("trl_live", "dpo"),
+    "minpo simpo": ("minpo", "simpo"),
+    "trl simpo": ("trl", "simpo"),
+}
 
 
 # ---- shared by both workers ----
@@ -78,14 +90,14 @@ def build_model(config: Config):
         tie_word_embeddings=True,
         use_cache=False,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights in every process
     return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def synthetic_pairs(config: Config) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) token ids, enough for every step; ids above 3 so none is a pad or special."""
+    """(prompt, chosen, rejected) token ids, one global batch per step; ids from 4 up, so none is the pad id 0."""
     generator = torch.Generator().manual_seed(0)
-    n_pairs = config.global_batch * (config.warmup + config.steps)
+    n_pairs = config.global_batch * (config.warmup_steps + config.steps)
 
     def ids(n):
         return torch.randint(4, config.vocab, (n,), generator=generator).tolist()
@@ -99,23 +111,34 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def sync():
+def current_memory_gb() -> float:
+    """Memory held now (not the peak): what the model, optimizer and data take before the first step."""
     if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def sync():
+    if torch.cuda.is_available():  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize()
 
 
-def policy_flops_per_token(model) -> int:
-    """6·N for a trained policy, N = non-embedding parameters + the LM head (counted once when tied)."""
+def flops_params(model) -> int:
+    """N for MFU: non-embedding parameters + the LM head (counted once more when tied to the embeddings)."""
     n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    head = model.get_output_embeddings().weight
-    n += head.numel() if model.config.tie_word_embeddings else 0
-    return 6 * n
+    return n + (model.get_output_embeddings().weight.numel() if model.config.tie_word_embeddings else 0)
 
 
-# ---- minpo ----
+def model_state_gb(model) -> float:
+    """fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter, whatever the trainer."""
+    return 16 * sum(p.numel() for p in model.parameters()) / 2**30
 
 
-def run_minpo(method: str, config: Config, work_dir: Path) -> dict:
+# ---- minpo: its own training path (common.py + the method file), as dpo.py / simpo.py run it ----
+
+
+def run_minpo(method: str, config: Config, work_dir: Path, gradient_checkpointing: bool) -> dict:
     sys.path.insert(0, str(REPO_DIR))
     import common
     import dpo
@@ -123,52 +146,142 @@ def run_minpo(method: str, config: Config, work_dir: Path) -> dict:
 
     module = {"dpo": dpo, "simpo": simpo}[method]
     args = module.Args(
-        model="bench",
+        model="bench",  # names the reference cache only
         micro_batch_size=config.micro_batch,
         global_batch_size=config.global_batch,
-        learning_rate=1e-6,
+        learning_rate=LEARNING_RATE,
         bf16=config.bf16,
+        gradient_checkpointing=gradient_checkpointing,
         ref_cache_dir=str(work_dir / "ref"),
     )
     _, _, device = common.setup_distributed()
     model = build_model(config)
-    flops = policy_flops_per_token(model)
+    info = {"flops_params": flops_params(model), "model_state_gb": model_state_gb(model)}
     policy = common.shard_model(model, args, device)
     pairs = [common.Pair(*p) for p in synthetic_pairs(config)]
     started = time.perf_counter()
     ref = common.reference_logps(policy, pairs, args, 0, device, "train", print) if module.NEEDS_REFERENCE else None
-    precompute_s = time.perf_counter() - started
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+    info["precompute_s"] = time.perf_counter() - started
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    info["before_train_gb"] = current_memory_gb()
     step_times = []
-    for step in range(config.warmup + config.steps):
+    for step in range(config.warmup_steps + config.steps):
         batch = list(range(step * config.global_batch, (step + 1) * config.global_batch))
         sync()
         started = time.perf_counter()
         common.train_step(policy, optimizer, scheduler, batch, pairs, ref, module.loss_fn, args, 0, device)
         sync()
         step_times.append(time.perf_counter() - started)
-    return {"step_times": step_times[config.warmup :], "precompute_s": precompute_s, "flops_per_token": flops}
+    return {"step_times": step_times[config.warmup_steps :], **info}
 
 
 # ---- TRL ----
 
 
-def run_trl(method: str, config: Config, work_dir: Path) -> dict:
+def trl_args(config: Config, work_dir: Path, gradient_checkpointing: bool) -> dict:
+    """TrainingArguments both TRL trainers share: same batch, lr, clipping and precision as minpo; no overhead
+    from logging, saving or evaluation."""
+    return dict(
+        output_dir=str(work_dir / "trl"),
+        per_device_train_batch_size=config.micro_batch,
+        gradient_accumulation_steps=config.global_batch // config.micro_batch,
+        max_steps=config.warmup_steps + config.steps,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        bf16=config.bf16,  # autocast over fp32 weights, TRL's (and transformers') mixed precision
+        gradient_checkpointing=gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+
+
+def trl_dpo_trainer(pairs, model, tokenizer, args: dict, work_dir: Path, live_reference: bool, config: Config):
     from datasets import Dataset, load_from_disk
+    from trl import DPOConfig, DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids: nothing to tokenize
+
+    columns = {
+        "prompt_ids": [p for p, _, _ in pairs],
+        "chosen_ids": [c for _, c, _ in pairs],
+        "rejected_ids": [r for _, _, r in pairs],
+    }
+    # TRL caches precomputed reference log-probs next to the data set's files: give it files.
+    Dataset.from_dict(columns).save_to_disk(work_dir / "data")
+    dpo_args = DPOConfig(**args, max_length=None, beta=0.01, precompute_ref_log_probs=not live_reference)
+    # A live reference is a second copy of the initial model (TRL would load it from the model's hub name).
+    ref_model = build_model(config) if live_reference else None
+    return PreTokenizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_args,
+        train_dataset=load_from_disk(work_dir / "data"),
+        processing_class=tokenizer,
+    )
+
+
+def trl_simpo_trainer(pairs, model, tokenizer, args: dict, config: Config):
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    class PreTokenizedCPOTrainer(CPOTrainer):
+        def tokenize_row(self, feature, model=None):  # the row CPOTrainer builds from text, built from our ids
+            prompt, chosen, rejected = feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for name, reply in (("chosen", chosen), ("rejected", rejected)):
+                row[f"{name}_input_ids"] = prompt + reply
+                row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(reply))
+                row[f"{name}_labels"] = [-100] * len(prompt) + reply
+            return row
+
+    columns = {name: [""] * len(pairs) for name in ("prompt", "chosen", "rejected")}  # CPOTrainer expects them
+    columns |= {
+        "prompt_ids": [p for p, _, _ in pairs],
+        "chosen_ids": [c for _, c, _ in pairs],
+        "rejected_ids": [r for _, _, r in pairs],
+    }
+    # TRL's simpo_gamma is the margin γ itself; minpo's simpo.py default is γ = gamma_beta_ratio · β = 0.25 · 2.5.
+    cpo_args = CPOConfig(
+        **args,
+        max_length=config.prompt + config.completion,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=2.5,
+        simpo_gamma=0.625,
+    )
+    return PreTokenizedCPOTrainer(
+        model=model, args=cpo_args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer
+    )
+
+
+def run_trl(method: str, config: Config, work_dir: Path, gradient_checkpointing: bool, live_reference: bool) -> dict:
     from transformers import TrainerCallback
 
     sys.path.insert(0, str(REPO_DIR))
-    import common  # only for a tokenizer object that knows the pad id; the ids are given
+    import common  # only for a tokenizer object the trainers require; every id is given
 
     tokenizer = common.build_tiny_tokenizer()
     tokenizer.pad_token_id = 0
     pairs = synthetic_pairs(config)
     model = build_model(config)
-    flops = policy_flops_per_token(model)
+    info = {"flops_params": flops_params(model), "model_state_gb": model_state_gb(model)}
     step_times = []
 
     class StepTimer(TrainerCallback):
+        """From the first micro-batch's forward to the end of the optimizer step (data loading is outside)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            info["before_train_gb"] = current_memory_gb()
+
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             self.started = time.perf_counter()
@@ -177,149 +290,130 @@ def run_trl(method: str, config: Config, work_dir: Path) -> dict:
             sync()
             step_times.append(time.perf_counter() - self.started)
 
-    common_args = dict(
-        output_dir=str(work_dir / "trl"),
-        per_device_train_batch_size=config.micro_batch,
-        gradient_accumulation_steps=config.global_batch // config.micro_batch,
-        max_steps=config.warmup + config.steps,
-        learning_rate=1e-6,
-        lr_scheduler_type="constant",
-        bf16=config.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        max_length=None,
-        seed=42,
-    )
-    started = time.perf_counter()
+    args = trl_args(config, work_dir, gradient_checkpointing)
+    started = time.perf_counter()  # construction includes TRL's reference precompute
     if method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        class PreTokenizedDPOTrainer(DPOTrainer):
-            def _prepare_dataset(self, dataset, *args, **kwargs):
-                return dataset  # already prompt_ids / chosen_ids / rejected_ids: nothing to tokenize
-
-        columns = {"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs]}
-        columns["rejected_ids"] = [r for _, _, r in pairs]
-        # TRL caches precomputed reference log-probs next to the data set's files: give it files.
-        Dataset.from_dict(columns).save_to_disk(work_dir / "data")
-        trl_args = DPOConfig(**common_args, beta=0.01, precompute_ref_log_probs=True)
-        trainer = PreTokenizedDPOTrainer(
-            model=model, args=trl_args, train_dataset=load_from_disk(work_dir / "data"), processing_class=tokenizer
-        )
+        trainer = trl_dpo_trainer(pairs, model, tokenizer, args, work_dir, live_reference, config)
     else:
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        class PreTokenizedCPOTrainer(CPOTrainer):
-            def tokenize_row(self, feature, model=None):
-                prompt, chosen, rejected = feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"]
-                row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
-                for name, reply in (("chosen", chosen), ("rejected", rejected)):
-                    row[f"{name}_input_ids"] = prompt + reply
-                    row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(reply))
-                    row[f"{name}_labels"] = [-100] * len(prompt) + reply
-                return row
-
-        columns = {"prompt": [""] * len(pairs), "chosen": [""] * len(pairs), "rejected": [""] * len(pairs)}
-        columns |= {"prompt_ids": [p for p, _, _ in pairs], "chosen_ids": [c for _, c, _ in pairs]}
-        columns["rejected_ids"] = [r for _, _, r in pairs]
-        common_args["max_length"] = config.prompt + config.completion
-        trl_args = CPOConfig(**common_args, loss_type="simpo", cpo_alpha=0.0, beta=2.5, simpo_gamma=0.625)
-        trainer = PreTokenizedCPOTrainer(
-            model=model, args=trl_args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer
-        )
-    precompute_s = time.perf_counter() - started
+        trainer = trl_simpo_trainer(pairs, model, tokenizer, args, config)
+    info["precompute_s"] = time.perf_counter() - started
     trainer.add_callback(StepTimer())
     trainer.train()
-    return {"step_times": step_times[config.warmup :], "precompute_s": precompute_s, "flops_per_token": flops}
+    return {"step_times": step_times[config.warmup_steps :], **info}
 
 
 # ---- driver ----
 
 
-def worker(trainer: str, method: str, config: Config, threads: int) -> dict:
+def worker(trainer: str, method: str, config: Config, threads: int, gradient_checkpointing: bool) -> dict:
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work_dir:
-        run = run_minpo if trainer == "minpo" else run_trl
-        result = run(method, config, Path(work_dir))
-    tokens_per_step = config.global_batch * 2 * (config.prompt + config.completion)  # chosen and rejected rows
+        if trainer == "minpo":
+            result = run_minpo(method, config, Path(work_dir), gradient_checkpointing)
+        else:
+            result = run_trl(method, config, Path(work_dir), gradient_checkpointing, trainer == "trl_live")
+    # Every token of the chosen and rejected rows (no padding: fixed lengths), counted the same for both.
+    tokens_per_step = config.global_batch * 2 * (config.prompt + config.completion)
     step_s = sum(result["step_times"]) / len(result["step_times"])
     result |= {"step_s": step_s, "tokens_per_s": tokens_per_step / step_s, "peak_gb": peak_memory_gb()}
+    result["load"] = [load_before, os.getloadavg()[0]]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        achieved = result["tokens_per_s"] * result["flops_per_token"]
-        result["mfu"] = achieved / (peak * 1e12) if peak else None
+        # 6N per token for the trained policy, 2N more for a live reference forward.
+        flops_per_token = (8 if trainer == "trl_live" else 6) * result["flops_params"]
+        result["mfu"] = result["tokens_per_s"] * flops_per_token / (peak * 1e12) if peak else None
     return result
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
     return f"CPU: {model or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def table(results: dict, config: Config) -> str:
+def table(results: dict) -> str:
     on_gpu = torch.cuda.is_available()
     memory = "peak GPU memory GB" if on_gpu else "peak RSS GB"
     lines = [
-        f"| method | trainer | tokens/s | step s | {memory} |" + (" MFU |" if on_gpu else ""),
-        "|---|---|---:|---:|---:|" + ("---:|" if on_gpu else ""),
+        f"| run | tokens/s | step s | {memory} | before training GB | load avg |" + (" MFU |" if on_gpu else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
-    for (method, trainer), r in results.items():
-        mfu = f" {100 * r['mfu']:.1f}% |" if on_gpu and r.get("mfu") is not None else (" – |" if on_gpu else "")
+    for label, r in results.items():
+        mfu = ""
+        if on_gpu:
+            mfu = f" {100 * r['mfu']:.1f}% |" if r.get("mfu") is not None else " – |"
         lines.append(
-            f"| {method} | {trainer} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} |{mfu}"
+            f"| {label} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r['before_train_gb']:.2f} | {r['load'][0]:.2f} → {r['load'][1]:.2f} |{mfu}"
         )
-    for method in dict.fromkeys(m for m, _ in results):
-        if (method, "minpo") in results and (method, "trl") in results:
-            ours, theirs = results[method, "minpo"], results[method, "trl"]
-            speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            lines.append(
-                f"| {method} | minpo / TRL | **{speed:.2f}x** | | **{ours['peak_gb'] / theirs['peak_gb']:.2f}x** |"
-            )
+    for method in ("dpo", "simpo"):
+        for theirs_label in (f"trl {method}", f"trl {method}, live reference"):
+            if f"minpo {method}" in results and theirs_label in results:
+                ours, theirs = results[f"minpo {method}"], results[theirs_label]
+                speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                memory_ratio = ours["peak_gb"] / theirs["peak_gb"]
+                lines.append(f"| minpo / {theirs_label} | **{speed:.2f}x** | | **{memory_ratio:.2f}x** | | |")
     return "\n".join(lines)
+
+
+def run_worker(label: str, args: argparse.Namespace, config: Config) -> dict:
+    """One trainer and method in a fresh process, so that its peak memory is its own."""
+    trainer, method = RUNS[label]
+    command = [sys.executable, __file__, "--worker", trainer, method, "--config", args.config]
+    command += ["--vocab", str(config.vocab), "--steps", str(config.steps), "--warmup_steps", str(config.warmup_steps)]
+    command += ["--threads", str(args.threads)] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"{label} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", choices=["dpo", "simpo"], default=["dpo", "simpo"])
-    parser.add_argument("--trainers", nargs="+", choices=["minpo", "trl"], default=["minpo", "trl"])
+    parser.add_argument("--method", choices=["dpo", "simpo", "both"], default="both")
     parser.add_argument("--vocab", type=int, help="override the config's vocabulary size")
     parser.add_argument("--steps", type=int, help="override the number of timed optimizer steps")
+    parser.add_argument("--warmup_steps", type=int, help="override the number of untimed optimizer steps first")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="on for both trainers")
+    parser.add_argument("--trl_live_reference", action="store_true", help="also TRL DPO with a live reference model")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", nargs=2, metavar=("TRAINER", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = CONFIGS[args.config]
-    config = replace(config, vocab=args.vocab or config.vocab, steps=args.steps or config.steps)
+    overrides = {"vocab": args.vocab, "steps": args.steps, "warmup_steps": args.warmup_steps}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     if args.worker:  # one trainer, one method, in this process; the result goes to stdout as the last line
-        print(json.dumps(worker(*args.worker, config, args.threads)))
+        print(json.dumps(worker(*args.worker, config, args.threads, args.gradient_checkpointing)))
         return
 
     print(f"{device_name()}; {json.dumps(asdict(config))}", flush=True)
+    methods = ["dpo", "simpo"] if args.method == "both" else [args.method]
+    labels = [
+        label
+        for label, (trainer, method) in RUNS.items()
+        if method in methods and (trainer != "trl_live" or args.trl_live_reference)
+    ]
     results = {}
-    for method in args.methods:
-        for trainer in args.trainers:
-            command = [sys.executable, __file__, "--worker", trainer, method, "--config", args.config]
-            command += ["--vocab", str(config.vocab), "--steps", str(config.steps), "--threads", str(args.threads)]
-            env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode:
-                sys.exit(f"{trainer} {method} failed:\n{done.stderr[-4000:]}")
-            results[method, trainer] = json.loads(done.stdout.strip().splitlines()[-1])
-            r = results[method, trainer]
-            print(f"{method} {trainer}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_gb']:.2f} GB", flush=True)
+    for label in labels:
+        results[label] = r = run_worker(label, args, config)
+        print(f"{label}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_gb']:.2f} GB, load {r['load']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"config": asdict(config), "device": device_name(), "results": results}))
     print(
-        f"\n{date.today()}, {device_name()}, vocabulary {config.vocab}: `python bench/{Path(__file__).name} "
-        f"{' '.join(sys.argv[1:])}`\n"
+        f"\n{datetime.now():%Y-%m-%d %H:%M}, {device_name()}, threads {args.threads}, vocabulary {config.vocab}, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}: "
+        f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n"
     )
-    print(table(results, config))
+    model_state = next(iter(results.values()))["model_state_gb"]
+    print(f"Model state (fp32 weights, gradients, AdamW moments: 16 bytes per parameter): {model_state:.2f} GB\n")
+    print(table(results))
 
 
 if __name__ == "__main__":
