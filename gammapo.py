@@ -70,10 +70,11 @@ class GapHistory:
             parts = [torch.empty_like(every_rank) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, every_rank)
             every_rank = torch.cat(parts)
+        self.gaps = self.gaps.to(every_rank.device)  # kept where the gaps are: no host sync per micro-step
         n_past = max(0, min(len(self.gaps), SOLVE_SIZE - len(every_rank)))
-        past = self.gaps[torch.randperm(len(self.gaps), generator=self.generator)[:n_past]]
-        solved = adaptive_margins(torch.cat([every_rank, past.to(every_rank.device)]), gamma0, tau)
-        self.gaps = torch.cat([self.gaps, every_rank.cpu()])[-HISTORY_SIZE:]
+        sample = torch.randperm(len(self.gaps), generator=self.generator)[:n_past]
+        solved = adaptive_margins(torch.cat([every_rank, self.gaps[sample.to(self.gaps.device)]]), gamma0, tau)
+        self.gaps = torch.cat([self.gaps, every_rank])[-HISTORY_SIZE:]
         rank = dist.get_rank() if dist.is_initialized() else 0
         return solved[rank * len(gaps) : (rank + 1) * len(gaps)].to(gaps.dtype)
 
