@@ -37,7 +37,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -440,9 +439,63 @@ class PairLogps(NamedTuple):
     rejected_len: Tensor
 
 
-def _token_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # [chunk, V], fp32 for the log-sum-exp
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - logits.logsumexp(-1)
+def _logits_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """lm_head on a chunk of hidden states, written into a reused fp32 buffer [chunk, V]."""
+    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=buffer)
+        return buffer.add_(bias) if bias is not None else buffer
+    return buffer.copy_(F.linear(hidden, weight, bias))  # bf16 matmul, fp32 log-softmax
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log p(label) [K] for hidden states [K, H] through lm_head, chunk_size rows at a time, never holding [K, V].
+
+    Forward keeps only the [K] log-sum-exp; backward recomputes each chunk's logits and turns them in place into
+    g · (onehot - softmax). Both reuse one fp32 buffer: fresh [chunk, V] tensors per chunk (as activation
+    checkpointing allocates them) come from mmap on CPU, and their page faults cost a third of a training step.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int) -> Tensor:
+        n_tokens = hidden.shape[0]
+        token_logps = hidden.new_empty(n_tokens, dtype=torch.float32)
+        log_z = hidden.new_empty(n_tokens, dtype=torch.float32)
+        buffer = hidden.new_empty(min(n_tokens, chunk_size), weight.shape[0], dtype=torch.float32)
+        for start in range(0, n_tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _logits_into(buffer[: len(hidden[rows])], hidden[rows], weight, bias)
+            target = logits.gather(-1, labels[rows, None]).squeeze(-1)
+            peak = logits.amax(-1)
+            log_z[rows] = peak + logits.sub_(peak[:, None]).exp_().sum(-1).log()
+            token_logps[rows] = target - log_z[rows]
+        ctx.save_for_backward(hidden, weight, bias, labels, log_z)
+        ctx.chunk_size = chunk_size
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor):
+        hidden, weight, bias, labels, log_z = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        buffer = hidden.new_empty(min(len(hidden), ctx.chunk_size), weight.shape[0], dtype=torch.float32)
+        grad_logps = grad_logps.float()
+        for start in range(0, len(hidden), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            h, g = hidden[rows], grad_logps[rows]
+            grad_logits = _logits_into(buffer[: len(h)], h, weight, bias)
+            grad_logits.sub_(log_z[rows, None]).exp_().mul_(-g[:, None])  # -g · softmax
+            grad_logits.scatter_add_(-1, labels[rows, None], g[:, None])  # + g at the label
+            if need_hidden:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def batch_logps(
@@ -467,13 +520,7 @@ def batch_logps(
     hidden = hidden[:, :-1][targets]  # [K, H]
     labels = input_ids[:, 1:][targets]  # [K]
     head = model.get_output_embeddings()
-    chunks = []
-    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
-        if torch.is_grad_enabled():
-            chunks.append(checkpoint(_token_logps, h, head.weight, head.bias, y, use_reentrant=False))
-        else:
-            chunks.append(_token_logps(h, head.weight, head.bias, y))
-    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    token_logps = ChunkedTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)  # [K]
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, row_of_target, token_logps)
     return sums, targets.sum(-1).float()
