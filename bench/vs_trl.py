@@ -62,7 +62,8 @@ CONFIGS = {
     # Qwen2.5-0.5B's shape: 24 layers, hidden 896, 14 heads (2 KV), vocabulary 151,936, tied embeddings.
     "gpu": Config(896, 24, 14, 2, 4864, 151936, 1024, 1024, 2, 16, 8, 2, True),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 without sparsity, from the data sheets
+# Dense bf16 without sparsity, from the data sheets (H100 SXM; an H100 PCIe has 756: pass --peak_tflops).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 LEARNING_RATE = 1e-6
 RUNS = {  # label: (trainer, method)
     "minpo dpo": ("minpo", "dpo"),
@@ -305,14 +306,14 @@ def run_trl(method: str, config: Config, work_dir: Path, gradient_checkpointing:
 # ---- driver ----
 
 
-def worker(trainer: str, method: str, config: Config, threads: int, gradient_checkpointing: bool) -> dict:
-    torch.set_num_threads(threads)
+def worker(trainer: str, method: str, config: Config, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work_dir:
         if trainer == "minpo":
-            result = run_minpo(method, config, Path(work_dir), gradient_checkpointing)
+            result = run_minpo(method, config, Path(work_dir), args.gradient_checkpointing)
         else:
-            result = run_trl(method, config, Path(work_dir), gradient_checkpointing, trainer == "trl_live")
+            result = run_trl(method, config, Path(work_dir), args.gradient_checkpointing, trainer == "trl_live")
     # Every token of the chosen and rejected rows (no padding: fixed lengths), counted the same for both.
     tokens_per_step = config.global_batch * 2 * (config.prompt + config.completion)
     step_s = sum(result["step_times"]) / len(result["step_times"])
@@ -320,7 +321,7 @@ def worker(trainer: str, method: str, config: Config, threads: int, gradient_che
     result["load"] = [load_before, os.getloadavg()[0]]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         # 6N per token for the trained policy, 2N more for a live reference forward.
         flops_per_token = (8 if trainer == "trl_live" else 6) * result["flops_params"]
         result["mfu"] = result["tokens_per_s"] * flops_per_token / (peak * 1e12) if peak else None
@@ -342,6 +343,9 @@ def table(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else ""),
     ]
     for label, r in results.items():
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} | | | | |" + (" |" if on_gpu else ""))
+            continue
         mfu = ""
         if on_gpu:
             mfu = f" {100 * r['mfu']:.1f}% |" if r.get("mfu") is not None else " – |"
@@ -351,8 +355,8 @@ def table(results: dict) -> str:
         )
     for method in ("dpo", "simpo"):
         for theirs_label in (f"trl {method}", f"trl {method}, live reference"):
-            if f"minpo {method}" in results and theirs_label in results:
-                ours, theirs = results[f"minpo {method}"], results[theirs_label]
+            ours, theirs = results.get(f"minpo {method}", {}), results.get(theirs_label, {})
+            if "step_s" in ours and "step_s" in theirs:
                 speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
                 memory_ratio = ours["peak_gb"] / theirs["peak_gb"]
                 lines.append(f"| minpo / {theirs_label} | **{speed:.2f}x** | | **{memory_ratio:.2f}x** | | |")
@@ -360,15 +364,19 @@ def table(results: dict) -> str:
 
 
 def run_worker(label: str, args: argparse.Namespace, config: Config) -> dict:
-    """One trainer and method in a fresh process, so that its peak memory is its own."""
+    """One trainer and method in a fresh process, so that its peak memory is its own. A failure (e.g. out of
+    memory) is reported in the table rather than ending the whole benchmark."""
     trainer, method = RUNS[label]
     command = [sys.executable, __file__, "--worker", trainer, method, "--config", args.config]
     command += ["--vocab", str(config.vocab), "--steps", str(config.steps), "--warmup_steps", str(config.warmup_steps)]
     command += ["--threads", str(args.threads)] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    command += ["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else []
     env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"{label} failed:\n{done.stderr[-4000:]}")
+        print(done.stderr[-4000:], file=sys.stderr)
+        error = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no output")
+        return {"error": error[:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -382,6 +390,7 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true", help="on for both trainers")
     parser.add_argument("--trl_live_reference", action="store_true", help="also TRL DPO with a live reference model")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--peak_tflops", type=float, help="GPU peak for MFU, if not the data sheet's of PEAK_TFLOPS")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", nargs=2, metavar=("TRAINER", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -390,7 +399,7 @@ def main() -> None:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     if args.worker:  # one trainer, one method, in this process; the result goes to stdout as the last line
-        print(json.dumps(worker(*args.worker, config, args.threads, args.gradient_checkpointing)))
+        print(json.dumps(worker(*args.worker, config, args)))
         return
 
     print(f"{device_name()}; {json.dumps(asdict(config))}", flush=True)
@@ -403,7 +412,10 @@ def main() -> None:
     results = {}
     for label in labels:
         results[label] = r = run_worker(label, args, config)
-        print(f"{label}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_gb']:.2f} GB, load {r['load']}", flush=True)
+        if "error" in r:
+            print(f"{label}: failed: {r['error']}", flush=True)
+        else:
+            print(f"{label}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_gb']:.2f} GB, load {r['load']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"config": asdict(config), "device": device_name(), "results": results}))
     print(
@@ -411,7 +423,7 @@ def main() -> None:
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}: "
         f"`python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n"
     )
-    model_state = next(iter(results.values()))["model_state_gb"]
+    model_state = next((r["model_state_gb"] for r in results.values() if "model_state_gb" in r), float("nan"))
     print(f"Model state (fp32 weights, gradients, AdamW moments: 16 bytes per parameter): {model_state:.2f} GB\n")
     print(table(results))
 
