@@ -98,7 +98,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     """recompute decoder activations in backward: about one more forward, much less memory"""
     logps_chunk_size: int = 256
-    """completion tokens per lm_head chunk (memory ~ 3 x chunk x vocabulary floats); [N, T, V] never exists"""
+    """completion tokens per lm_head chunk (one chunk x vocabulary fp32 buffer); [N, T, V] never exists"""
     eval_steps: int = 0
     """also measure held-out reward accuracy every N steps (0: only at start and end)"""
     save_steps: int = 100
@@ -463,7 +463,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
         buffer = hidden.new_empty(min(n_tokens, chunk_size), weight.shape[0], dtype=torch.float32)
         for start in range(0, n_tokens, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = _logits_into(buffer[: len(hidden[rows])], hidden[rows], weight, bias)
+            h = hidden[rows]
+            logits = _logits_into(buffer[: len(h)], h, weight, bias)
             target = logits.gather(-1, labels[rows, None]).squeeze(-1)
             peak = logits.amax(-1)
             log_z[rows] = peak + logits.sub_(peak[:, None]).exp_().sum(-1).log()
