@@ -71,6 +71,11 @@ class TrainArgs:
     """use only the first N training pairs"""
     max_test_samples: int | None = 1000
     """use only the first N held-out pairs"""
+    select_frac: float = 1.0
+    """keep this fraction of the training pairs: those with the largest score_chosen - score_rejected"""
+    flip_frac: float = 0.0
+    """swap chosen and rejected in this seeded random fraction of the training pairs (after --select_frac);
+    held-out pairs are never flipped"""
     output_dir: str | None = None
     """where the model, metrics and checkpoints go; None: ckpt/<method>"""
     max_length: int = 2048
@@ -143,6 +148,10 @@ def check_args(args: TrainArgs, world_size: int) -> None:
             f"--global_batch_size {args.global_batch_size} is not a multiple of --micro_batch_size "
             f"{args.micro_batch_size} x {world_size} processes; pick sizes that divide"
         )
+    if not 0 <= args.flip_frac < 1:
+        raise InputError(f"--flip_frac {args.flip_frac} must be in [0, 1): the fraction of training labels to swap")
+    if not 0 < args.select_frac <= 1:
+        raise InputError(f"--select_frac {args.select_frac} must be in (0, 1]: the fraction of training pairs to keep")
     if args.max_prompt_length >= args.max_length:
         raise InputError(
             f"--max_prompt_length {args.max_prompt_length} must be smaller than --max_length {args.max_length}, "
@@ -364,6 +373,41 @@ def parse_row(row, source: str, row_no: int) -> tuple[list[dict], str, str]:
         raise InputError(f"{where}: fields 'chosen' and 'rejected' start from different conversations")
     prompt_messages = chosen_prefix or rejected_prefix or [{"role": "user", "content": row["prompt"]}]
     return prompt_messages, chosen, rejected
+
+
+def score_gap(row: dict, source: str, row_no: int) -> float:
+    where = f"{source}: row {row_no}"
+    for field in ("score_chosen", "score_rejected"):
+        value = row.get(field)
+        if value is None:
+            raise InputError(f"{where}: field '{field}' is missing; --select_frac ranks pairs by their score gap")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{where}: field '{field}' must be a finite number, got {value!r}")
+    return row["score_chosen"] - row["score_rejected"]
+
+
+def select_and_flip(rows: list[dict], source: str, args: TrainArgs) -> tuple[list[dict], dict]:
+    """--select_frac, then --flip_frac, on the training rows (already checked by parse_row).
+
+    Selection keeps the round(q x N) rows with the largest score gap (ties: the earlier row), in file order.
+    Flipping swaps chosen and rejected in round(p x kept) rows drawn with --seed: the same rows on every
+    rank and every resume. Returns the rows and the counts for the log and args.json.
+    """
+    counts = {"loaded": len(rows)}
+    if args.select_frac < 1:
+        gaps = [score_gap(row, source, row_no) for row_no, row in enumerate(rows, 1)]
+        by_gap = sorted(range(len(rows)), key=lambda i: -gaps[i])  # stable: ties keep file order
+        rows = [rows[i] for i in sorted(by_gap[: round(args.select_frac * len(rows))])]
+        counts["kept"] = len(rows)
+    if args.flip_frac > 0:
+        flipped = np.random.default_rng([args.seed, 7]).choice(
+            len(rows), round(args.flip_frac * len(rows)), replace=False
+        )
+        rows = list(rows)
+        for i in flipped:
+            rows[i] = rows[i] | {"chosen": rows[i]["rejected"], "rejected": rows[i]["chosen"]}
+        counts["flipped"] = len(flipped)
+    return rows, counts
 
 
 class Pair(NamedTuple):
@@ -851,6 +895,16 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, train_source, test_rows, test_source = load_data(args)
+    for row_no, row in enumerate(train_rows, 1):  # errors name the file's rows, before selection drops some
+        parse_row(row, train_source, row_no)
+    train_rows, train_counts = select_and_flip(train_rows, train_source, args)
+    if "kept" in train_counts:
+        log(f"--select_frac {args.select_frac}: kept {train_counts['kept']} of {train_counts['loaded']} training pairs")
+    if "flipped" in train_counts:
+        log(
+            f"--flip_frac {args.flip_frac}: swapped chosen and rejected in {train_counts['flipped']} of "
+            f"{len(train_rows)} training pairs (seed {args.seed})"
+        )
     train_pairs, train_empty = tokenize_pairs(train_rows, train_source, tokenizer, args)
     test_pairs, test_empty = tokenize_pairs(test_rows, test_source, tokenizer, args)
     if train_empty or test_empty:
@@ -884,7 +938,8 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
             else []
         )
         metrics_file.write_text("".join(line + "\n" for line in kept))
-        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        record = asdict(args) | {"train_rows": train_counts}  # how many rows --select_frac kept, --flip_frac flipped
+        (output_dir / "args.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def write_metrics(record):
         if rank == 0:

@@ -164,3 +164,153 @@ def test_tiny_data_is_well_formed(tiny):
     assert (len(train), len(test)) == (1600, 200)
     pairs, dropped = common.tokenize_pairs(train, train_source, tiny[1], common.TrainArgs())
     assert dropped == 0 and len(pairs) == 1600
+
+
+# ---- --select_frac and --flip_frac ----
+
+
+def scored_row(i, gap):
+    return {**good_row(f"p{i}", f"good {i}", f"bad {i}"), "score_chosen": 5.0 + gap, "score_rejected": 5.0}
+
+
+def swapped(before, after):
+    """Indices of rows whose chosen and rejected traded places (and nothing else changed)."""
+    out = []
+    for i, (b, a) in enumerate(zip(before, after)):
+        if a != b:
+            assert a == b | {"chosen": b["rejected"], "rejected": b["chosen"]}
+            out.append(i)
+    return out
+
+
+@pytest.mark.parametrize("flip_frac, n_rows", [(0.1, 1600), (0.25, 7), (0.3, 50), (0.5, 3), (0.999, 10)])
+def test_flip_frac_swaps_exactly_round_p_n_pairs(flip_frac, n_rows):
+    rows = [scored_row(i, i % 4) for i in range(n_rows)]
+    flipped_rows, counts = common.select_and_flip(rows, "mem", common.TrainArgs(flip_frac=flip_frac, seed=3))
+    flipped = swapped(rows, flipped_rows)
+    assert len(flipped) == counts["flipped"] == round(flip_frac * n_rows)
+    assert rows == [scored_row(i, i % 4) for i in range(n_rows)]  # the caller's rows are left as they were
+
+
+def test_flip_frac_is_deterministic_for_a_seed():
+    rows = [scored_row(i, 1) for i in range(200)]
+    flips = {
+        seed: swapped(rows, common.select_and_flip(rows, "m", common.TrainArgs(flip_frac=0.2, seed=seed))[0])
+        for seed in (1, 2)
+    }
+    again = swapped(rows, common.select_and_flip(rows, "m", common.TrainArgs(flip_frac=0.2, seed=1))[0])
+    assert again == flips[1] and len(flips[1]) == 40
+    assert flips[1] != flips[2]
+    no_flip, counts = common.select_and_flip(rows, "m", common.TrainArgs())
+    assert no_flip == rows and counts == {"loaded": 200}
+
+
+def test_select_frac_keeps_the_largest_score_gaps_in_file_order():
+    gaps = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    rows = [scored_row(i, gap) for i, gap in enumerate(gaps)]
+    kept, counts = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.3))
+    assert kept == [rows[4], rows[5], rows[7]]  # gaps 9, 6 and the first of the two 5s
+    assert counts == {"loaded": 10, "kept": 3}
+    kept, _ = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.5))
+    assert [gaps[rows.index(r)] for r in kept] == [4, 5, 9, 6, 5]
+    both, counts = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.5, flip_frac=0.4))
+    assert counts == {"loaded": 10, "kept": 5, "flipped": 2}  # flips count the kept pairs
+    assert len(swapped(kept, both)) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(flip_frac=-0.1), r"--flip_frac -0.1 must be in \[0, 1\)"),
+        (dict(flip_frac=1.0), r"--flip_frac 1.0 must be in \[0, 1\)"),
+        (dict(flip_frac=float("nan")), r"--flip_frac nan must be in \[0, 1\)"),
+        (dict(select_frac=0.0), r"--select_frac 0.0 must be in \(0, 1\]"),
+        (dict(select_frac=1.5), r"--select_frac 1.5 must be in \(0, 1\]"),
+    ],
+)
+def test_bad_noise_flags(overrides, message):
+    with pytest.raises(common.InputError, match=message):
+        common.check_args(common.TrainArgs(**overrides), 1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda row: row.pop("score_rejected"), "row 3: field 'score_rejected' is missing; --select_frac ranks"),
+        (lambda row: row.update(score_chosen="high"), "row 3: field 'score_chosen' must be a finite number"),
+        (lambda row: row.update(score_chosen=float("inf")), "row 3: field 'score_chosen' must be a finite number"),
+    ],
+)
+def test_select_frac_needs_scores(change, message):
+    rows = [scored_row(i, 1) for i in range(5)]
+    change(rows[2])
+    with pytest.raises(common.InputError, match=f"data.jsonl: {message}"):
+        common.select_and_flip(rows, "data.jsonl", common.TrainArgs(select_frac=0.5))
+    common.select_and_flip(rows, "data.jsonl", common.TrainArgs(flip_frac=0.5))  # flipping needs no scores
+
+
+class Stop(Exception):
+    pass
+
+
+def test_training_flips_only_training_pairs(tmp_path, monkeypatch):
+    """Through common.train on a local file with 5% held out: the tokenized training rows have exactly
+    round(p x N) pairs swapped, the held-out rows none, and args.json records the counts."""
+    rows = [scored_row(i, i % 7) for i in range(200)]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    seen = {}
+
+    def record(rows, source, tokenizer, args):
+        seen[source] = rows
+        if len(seen) == 2:
+            raise Stop
+        return [], 0
+
+    monkeypatch.setattr(common, "tokenize_pairs", record)
+    argv = ["--model", "tiny", "--data", str(path), "--output_dir", str(tmp_path / "out")]
+    args = common.parse_args(common.TrainArgs, [*argv, "--flip_frac", "0.3", "--select_frac", "0.5"])
+    with pytest.raises(Stop):
+        common.train(args, None, False, "dpo")
+    train_original, _, test_original, _ = common.load_data(args)
+    train_seen, test_seen = seen[f"{path} (train part)"], seen[f"{path} (held-out part)"]
+    assert test_seen == test_original and len(test_seen) == 10
+    kept, _ = common.select_and_flip(train_original, "x", common.TrainArgs(select_frac=0.5))
+    assert len(kept) == 95 and len(swapped(kept, train_seen)) == round(0.3 * 95)
+
+
+def test_noise_counts_in_args_json(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [scored_row(i, i % 3) for i in range(64)])
+    argv = ["--model", "tiny", "--data", str(path), "--test_data", str(path), "--output_dir", str(tmp_path / "out")]
+    argv += ["--global_batch_size", "8", "--micro_batch_size", "8", "--flip_frac", "0.25", "--select_frac", "0.5"]
+    argv += ["--max_test_samples", "8"]
+    common.train(common.parse_args(common.TrainArgs, argv), lambda lp, args: (lp.chosen - lp.rejected,) * 3, False, "x")
+    saved = json.loads((tmp_path / "out" / "args.json").read_text())
+    assert saved["flip_frac"] == 0.25 and saved["select_frac"] == 0.5
+    assert saved["train_rows"] == {"loaded": 64, "kept": 32, "flipped": 8}
+
+
+def test_select_frac_without_scores_is_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(f"p{i}") for i in range(40)])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "dpo.py",
+            "--model",
+            "tiny",
+            "--data",
+            str(path),
+            "--select_frac",
+            "0.5",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"dpo: error: {path} (train part): row 1: field 'score_chosen' is missing; "
+        "--select_frac ranks pairs by their score gap"
+    )
