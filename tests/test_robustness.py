@@ -1,0 +1,134 @@
+"""robustness.py: a small grid end to end (table and plot from the cells' own metrics), finished cells never rerun,
+an interrupted cell resumed, and clear errors for a bad grid."""
+
+import json
+
+import matplotlib.image
+import pytest
+
+import robustness
+from common import InputError
+
+SMALL = ["--max_train_samples", "64", "--global_batch_size", "16", "--micro_batch_size", "8", "--num_epochs", "1"]
+
+
+def small_study(tmp_path, **overrides):
+    fields = dict(methods=("dpo", "simpo"), flip_fracs=(0.0, 0.5), seeds=(1,), output_dir=str(tmp_path / "study"))
+    return robustness.StudyArgs(**(fields | overrides))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The 2 methods x 2 p x 1 seed grid, trained once for the tests below (about 30 s)."""
+    tmp_path = tmp_path_factory.mktemp("robustness")
+    args, flags = small_study(tmp_path), SMALL + ["--ref_cache_dir", str(tmp_path / "refs")]
+    return args, flags, robustness.study(args, flags)
+
+
+def test_every_cell_trained_and_recorded(finished):
+    args, _, results = finished
+    folder = robustness.Path(args.output_dir)
+    lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert lines == results and len(lines) == 4
+    assert {(r["method"], r["flip_frac"]) for r in lines} == {(m, p) for m in args.methods for p in args.flip_fracs}
+    for r in lines:
+        cell = folder / robustness.cell_name(r["method"], r["flip_frac"], r["seed"])
+        metrics = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+        assert r["accuracy"] == metrics[-1]["eval/reward_accuracy"]  # the cell's own final held-out accuracy
+        assert r["flipped"] == round(r["flip_frac"] * 64)
+        assert sorted(p.name for p in cell.iterdir()) == ["args.json", "metrics.jsonl", "train.log"]  # no weights
+
+
+def test_table_is_written_from_the_results(finished):
+    args, _, results = finished
+    table = (robustness.Path(args.output_dir) / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`dpo.py`", "`simpo.py`"]
+    assert "| method | p = 0 | p = 0.5 |" in table
+    for row, method in zip(rows, args.methods):
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        expected = [
+            next(r["accuracy"] for r in results if (r["method"], r["flip_frac"]) == (method, p)) for p in (0, 0.5)
+        ]
+        assert cells == [f"{a:.3f}" for a in expected]
+
+
+def test_plot_has_one_line_per_method(finished, tmp_path):
+    args, _, results = finished
+    image = matplotlib.image.imread(robustness.Path(args.output_dir) / "plot.png")
+    assert image.shape[:2] == (540, 840)
+    figure = robustness.plot(tmp_path / "again.png", results, args)
+    lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["dpo", "simpo"]
+    for line, method in zip(lines, args.methods):
+        assert list(line.get_xdata()) == [0.0, 0.5]
+        assert list(line.get_ydata()) == [r["accuracy"] for r in results if r["method"] == method]
+
+
+def test_finished_cells_are_not_rerun_and_a_missing_one_is(finished, monkeypatch):
+    args, flags, results = finished
+    calls = []
+    monkeypatch.setattr(robustness, "run_cell", lambda args, flags, *cell: calls.append(cell) or results[-1])
+    assert robustness.study(args, flags) == results
+    assert calls == []
+    results_file = robustness.Path(args.output_dir) / "results.jsonl"
+    lines = results_file.read_text().splitlines()
+    results_file.write_text("".join(line + "\n" for line in lines[:-1]))  # as if the last cell was interrupted
+    robustness.study(args, flags)
+    last = results[-1]
+    assert calls == [(last["method"], last["flip_frac"], last["seed"])]
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    args = small_study(tmp_path)
+    cell = tmp_path / "study" / robustness.cell_name("dpo", 0.5, 1)
+    (cell / "checkpoint").mkdir(parents=True)
+    commands = []
+
+    def fake_run(command, stdout, stderr):
+        commands.append(command)
+        (cell / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval/reward_accuracy": 0.75}) + "\n")
+        (cell / "args.json").write_text(json.dumps({"train_rows": {"loaded": 64, "flipped": 32}}))
+        return robustness.subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(robustness.subprocess, "run", fake_run)
+    result = robustness.run_cell(args, ["--beta", "0.1"], "dpo", 0.5, 1)
+    assert commands[0][-3:] == ["--resume", "--beta", "0.1"]
+    assert "--flip_frac" in commands[0] and commands[0][commands[0].index("--flip_frac") + 1] == "0.5"
+    assert (result["accuracy"], result["start_accuracy"], result["flipped"]) == (0.75, None, 32)
+
+
+def test_failed_cell_stops_with_its_log(tmp_path):
+    args = small_study(tmp_path, methods=("dpo",), flip_fracs=(0.0,))
+    with pytest.raises(InputError, match=r"dpo/p0_seed1 failed; its log .*train.log ends:\n.*must be at least 1"):
+        robustness.study(args, ["--num_epochs", "0"])
+    assert not (tmp_path / "study" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, flags, message",
+    [
+        (dict(methods=("dpo", "kto")), [], "unknown method kto; pick from dpo, ipo"),
+        (dict(flip_fracs=(0.0, 1.0)), [], r"--flip_fracs 1.0 is outside \[0, 1\)"),
+        (dict(seeds=()), [], "need at least one value"),
+        ({}, ["--seed", "3"], "--seed after -- is set by the study"),
+        ({}, ["--flip_frac=0.2"], "--flip_frac after -- is set by the study"),
+    ],
+)
+def test_bad_grid(tmp_path, overrides, flags, message):
+    with pytest.raises(InputError, match=message):
+        robustness.study(small_study(tmp_path, **overrides), flags)
+
+
+def test_other_settings_in_the_same_folder(tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"model": "tiny", "data": "other", "train_flags": []}))
+    with pytest.raises(InputError, match="holds a study with other settings"):
+        robustness.study(small_study(tmp_path), [])
+
+
+def test_cli_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        robustness.main(["--methods", "nope"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("robustness: error: unknown method nope;")
