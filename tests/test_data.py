@@ -314,3 +314,35 @@ def test_select_frac_without_scores_is_one_line(tmp_path):
         f"dpo: error: {path} (train part): row 1: field 'score_chosen' is missing; "
         "--select_frac ranks pairs by their score gap"
     )
+
+
+def wrong_case_words(row: dict, field: str) -> int:
+    """Words of the reply not in the case the prompt asks for (data/tiny's rule)."""
+    from data.tiny.make_tiny import ASK
+
+    case = next(case for case, asks in ASK.items() if row["prompt"].startswith(tuple(asks)))
+    return sum(word.isupper() != (case == "upper") for word in row[field][-1]["content"].split())
+
+
+def test_tiny_scores_make_large_gaps_cleaner():
+    """Judge-noise labels, as in real data: wrong labels (chosen has more wrong-case words than rejected) are
+    common among small score gaps and rare among large ones; held-out labels all follow the rule."""
+    train, source, test, _ = common.load_data(common.TrainArgs(data="tiny", max_test_samples=None))
+    mislabelled = [wrong_case_words(r, "chosen") > wrong_case_words(r, "rejected") for r in train]
+    top, _ = common.select_and_flip(train, source, common.TrainArgs(select_frac=0.5))
+    top_ids = {id(r) for r in top}
+    wrong_top = sum(m for r, m in zip(train, mislabelled) if id(r) in top_ids)
+    wrong_bottom = sum(mislabelled) - wrong_top
+    assert 0.05 < sum(mislabelled) / len(train) < 0.2
+    assert wrong_top / 800 < 0.03 and wrong_bottom / 800 > 0.1
+    assert all(wrong_case_words(r, "chosen") == 0 < wrong_case_words(r, "rejected") for r in test)
+    assert all(r["score_chosen"] >= r["score_rejected"] for r in train + test)
+
+
+def test_tiny_data_is_what_make_tiny_writes(tmp_path, monkeypatch):
+    from data.tiny import make_tiny
+
+    monkeypatch.setattr(make_tiny, "__file__", str(tmp_path / "make_tiny.py"))
+    make_tiny.main()
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_text() == (common.TINY_DATA_DIR / f"{split}.jsonl").read_text()
