@@ -655,9 +655,22 @@ def _shard_logps(policy: LogpsModel, pairs: list[Pair], batch_size: int, pad_id:
     return all_reduce_sum(out)
 
 
-def ref_cache_key(model_name: str, compute_dtype: str, pairs: list[Pair]) -> str:
-    """Reference log-probs depend on the model, its precision and the exact tokens (template, lengths, data)."""
-    digest = hashlib.sha256(f"{model_name}|{compute_dtype}".encode())
+def initial_weights_id(args: TrainArgs) -> str:
+    """What names the initial weights: the seed for the random tiny model; for a local folder its resolved path
+    and its weight files' sizes and times, so a folder trained again gets a new reference."""
+    if args.model == "tiny":
+        return f"tiny|seed {args.seed}"
+    folder = Path(args.model).expanduser()
+    if not folder.is_dir():
+        return args.model  # a hub name: its files do not change under the same name
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return str(folder.resolve()) + "".join(f"|{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
+
+
+def ref_cache_key(weights_id: str, compute_dtype: str, pairs: list[Pair]) -> str:
+    """Reference log-probs depend on the initial weights, their precision and the exact tokens (template,
+    lengths, data)."""
+    digest = hashlib.sha256(f"{weights_id}|{compute_dtype}".encode())
     for pair in pairs:
         for ids in pair:
             digest.update(np.asarray(ids, dtype=np.int64).tobytes())
@@ -672,7 +685,7 @@ def reference_logps(
     cached on disk, so training holds one model and every method reuses the same numbers."""
     compute_dtype = "bf16" if device.type == "cuda" and args.bf16 else "fp32"
     cache_dir = Path(args.ref_cache_dir).expanduser()
-    cache_file = cache_dir / f"{ref_cache_key(args.model, compute_dtype, pairs)}.pt"
+    cache_file = cache_dir / f"{ref_cache_key(initial_weights_id(args), compute_dtype, pairs)}.pt"
     cached = torch.tensor(float(cache_file.is_file()), device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(cached, op=dist.ReduceOp.MIN)  # every rank must agree, or some would wait in forwards
     if cached.item():

@@ -44,7 +44,7 @@ def test_tiny_run_learns_and_reuses_reference(tmp_path, capsys):
     result = run(tmp_path, "run")
     log = capsys.readouterr().out
     first = metrics(tmp_path / "run")[0]
-    assert first["step"] == 0 and 0.4 <= first["eval/reward_accuracy"] <= 0.6  # policy = reference: all ties
+    assert first["step"] == 0 and first["eval/reward_accuracy"] == 0.5  # policy = reference: every pair ties
     assert result["eval/reward_accuracy"] >= 0.9
     assert "reference log-probs (train): computed 1600 pairs" in log
     assert len(list((tmp_path / "refs").glob("*.pt"))) == 2  # train and held-out
@@ -63,6 +63,26 @@ def test_tiny_run_learns_and_reuses_reference(tmp_path, capsys):
     run(tmp_path, "again", ["--num_epochs", "1", "--learning_rate", "1e-4"])
     log = capsys.readouterr().out
     assert "reference log-probs (train): reusing cache" in log and "computed" not in log
+
+    # Another seed is another random tiny model: its own reference, not the cached one of seed 42.
+    run(tmp_path, "seed7", ["--seed", "7", *SMALL])
+    log = capsys.readouterr().out
+    assert "reference log-probs (held-out): computed 200 pairs" in log
+    assert metrics(tmp_path / "seed7")[0]["eval/reward_accuracy"] == 0.5
+    assert len(list((tmp_path / "refs").glob("*.pt"))) == 4
+
+
+def test_reference_cache_key_follows_the_initial_weights(tmp_path):
+    """The tiny model changes with --seed; a local folder trained again keeps its name but not its weights."""
+    weights_id = common.initial_weights_id
+    assert weights_id(common.TrainArgs(model="tiny", seed=1)) != weights_id(common.TrainArgs(model="tiny", seed=2))
+    assert weights_id(common.TrainArgs(model="org/name", seed=1)) == weights_id(common.TrainArgs(model="org/name"))
+    tokenizer = common.build_tiny_tokenizer()
+    common.build_tiny_model(tokenizer, seed=1).save_pretrained(tmp_path / "sft")
+    before = weights_id(common.TrainArgs(model=str(tmp_path / "sft")))
+    assert before == weights_id(common.TrainArgs(model=str(tmp_path / "sft" / "..") + "/sft", seed=5))
+    common.build_tiny_model(tokenizer, seed=2).save_pretrained(tmp_path / "sft")
+    assert weights_id(common.TrainArgs(model=str(tmp_path / "sft"))) != before
 
 
 @pytest.mark.parametrize("method", [ipo, simpo, apo_zero, apo_hinge_zero, margin_sigmoid, gammapo, alphapo])
