@@ -91,6 +91,10 @@ def run_cell(args: StudyArgs, train_flags: list[str], method: str, flip_frac: fl
         )
     records = [json.loads(line) for line in (cell_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "eval/reward_accuracy" in r]
+    if not evaluated:
+        raise InputError(
+            f"{cell_name(method, flip_frac, seed)} measured no held-out reward accuracy: give it held-out pairs"
+        )
     if not args.keep_models:
         for path in cell_dir.iterdir():
             if path.name not in KEPT_FILES:
@@ -138,27 +142,32 @@ def write_table(path: Path, results: list[dict], args: StudyArgs, train_flags: l
 
 
 def plot(path: Path, results: list[dict], args: StudyArgs):
-    """Accuracy against p: one line per method (mean over seeds), a band from the lowest to the highest seed."""
+    """Accuracy against p: one line per method (mean over seeds), a bar from the lowest to the highest seed.
+    Methods are drawn side by side around each p so that their bars do not hide one another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = summarize(results)
+    step = min((b - a for a, b in zip(sorted(args.flip_fracs), sorted(args.flip_fracs)[1:])), default=0.1)
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method in args.methods:
+    for k, method in enumerate(args.methods):
         ps = [p for p in args.flip_fracs if (method, p) in cells]
         if not ps:
             continue
         accs = [cells[method, p] for p in ps]
-        (line,) = axes.plot(ps, [statistics.mean(a) for a in accs], marker="o", label=method)
-        axes.fill_between(ps, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.15)
+        means = [statistics.mean(a) for a in accs]
+        spread = [[m - min(a) for m, a in zip(means, accs)], [max(a) - m for m, a in zip(means, accs)]]
+        offset = (k - (len(args.methods) - 1) / 2) * step * 0.5 / len(args.methods)
+        axes.errorbar([p + offset for p in ps], means, yerr=spread, marker="o", markersize=4, capsize=2, label=method)
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.annotate("chance", (min(args.flip_fracs), 0.5), textcoords="offset points", xytext=(0, 3), color="grey")
     axes.set_xlabel("fraction of training labels flipped (p)")
-    axes.set_ylabel("held-out reward accuracy")
+    axes.set_ylabel("held-out reward accuracy (mean, bar: min-max over seeds)")
     axes.set_title(f"Label noise: --model {args.model} --data {args.data}, seeds {', '.join(map(str, args.seeds))}")
     axes.set_xticks(list(args.flip_fracs))
-    axes.legend(fontsize=8, ncol=2)
+    axes.legend(fontsize=8, ncol=2, loc="center left")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)

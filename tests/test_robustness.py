@@ -61,7 +61,7 @@ def test_plot_has_one_line_per_method(finished, tmp_path):
     lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
     assert [line.get_label() for line in lines] == ["dpo", "simpo"]
     for line, method in zip(lines, args.methods):
-        assert list(line.get_xdata()) == [0.0, 0.5]
+        assert [round(x, 1) for x in line.get_xdata()] == [0.0, 0.5]  # methods drawn side by side around each p
         assert list(line.get_ydata()) == [r["accuracy"] for r in results if r["method"] == method]
 
 
@@ -132,3 +132,21 @@ def test_cli_error_is_one_line(capsys):
         robustness.main(["--methods", "nope"])
     assert exit.value.code == 2
     assert capsys.readouterr().err.strip().startswith("robustness: error: unknown method nope;")
+
+
+def test_readme_table_is_the_one_the_script_wrote(tmp_path):
+    """docs/robustness/ holds what `python robustness.py` wrote on the tiny task; the README shows its table,
+    which write_table rebuilds from results.jsonl, and in it DPO's accuracy falls at every step of p."""
+    folder = robustness.REPO_DIR / "docs" / "robustness"
+    args = robustness.StudyArgs()
+    assert json.loads((folder / "study.json").read_text()) == {"model": "tiny", "data": "tiny", "train_flags": []}
+    results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    grid = {(m, p, s) for m in args.methods for p in args.flip_fracs for s in args.seeds}
+    assert len(results) == len(grid) and {(r["method"], r["flip_frac"], r["seed"]) for r in results} == grid
+    table = (folder / "table.md").read_text()
+    assert robustness.write_table(tmp_path / "table.md", results, args, []) == table
+    assert table in (robustness.REPO_DIR / "README.md").read_text()
+    dpo = robustness.summarize(results)
+    means = [sum(dpo["dpo", p]) / len(dpo["dpo", p]) for p in args.flip_fracs]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    assert matplotlib.image.imread(folder / "plot.png").shape[:2] == (540, 840)
