@@ -58,10 +58,10 @@ def test_plot_has_one_line_per_method(finished, tmp_path):
     image = matplotlib.image.imread(robustness.Path(args.output_dir) / "plot.png")
     assert image.shape[:2] == (540, 840)
     figure = robustness.plot(tmp_path / "again.png", results, args)
-    lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
-    assert [line.get_label() for line in lines] == ["dpo", "simpo"]
-    for line, method in zip(lines, args.methods):
-        assert [round(x, 1) for x in line.get_xdata()] == [0.0, 0.5]  # methods drawn side by side around each p
+    drawn = figure.axes[0].containers  # one errorbar (line + min-max bars) per method
+    assert [container.get_label() for container in drawn] == ["dpo", "simpo"]
+    for (line, _, _), method in zip(drawn, args.methods):
+        assert all(abs(x - p) < 0.1 for x, p in zip(line.get_xdata(), [0.0, 0.5]))  # side by side around each p
         assert list(line.get_ydata()) == [r["accuracy"] for r in results if r["method"] == method]
 
 
@@ -150,3 +150,14 @@ def test_readme_table_is_the_one_the_script_wrote(tmp_path):
     means = [sum(dpo["dpo", p]) / len(dpo["dpo", p]) for p in args.flip_fracs]
     assert all(a > b for a, b in zip(means, means[1:])), means
     assert matplotlib.image.imread(folder / "plot.png").shape[:2] == (540, 840)
+
+
+def test_readme_selection_table_is_the_one_the_script_wrote(tmp_path):
+    folder = robustness.REPO_DIR / "docs" / "select_frac" / "same_steps"
+    settings = json.loads((folder / "study.json").read_text())
+    assert settings["train_flags"] == ["--select_frac", "0.5", "--num_epochs", "4"]
+    args = robustness.StudyArgs(methods=("dpo", "simpo", "gammapo"), flip_fracs=(0.0, 0.2, 0.3))
+    results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    table = robustness.write_table(tmp_path / "table.md", results, args, settings["train_flags"])
+    assert table == (folder / "table.md").read_text()
+    assert table in (robustness.REPO_DIR / "README.md").read_text()
