@@ -193,10 +193,10 @@ def study(args: StudyArgs, train_flags: list[str]) -> list[dict]:
     check(args, train_flags)
     folder = Path(args.output_dir)
     results = load_results(folder, {"model": args.model, "data": args.data, "train_flags": train_flags})
-    done = {(r["method"], r["flip_frac"], r["seed"]) for r in results}
     grid = [(m, p, s) for m in args.methods for p in args.flip_fracs for s in args.seeds]
-    todo = [cell for cell in grid if cell not in done]
     wanted = [r for r in results if (r["method"], r["flip_frac"], r["seed"]) in set(grid)]  # this grid's cells
+    done = {(r["method"], r["flip_frac"], r["seed"]) for r in wanted}
+    todo = [cell for cell in grid if cell not in done]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="robustness", unit="run", dynamic_ncols=True)
     for method, flip_frac, seed in todo:
         bar.set_postfix_str(cell_name(method, flip_frac, seed))
