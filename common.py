@@ -387,7 +387,7 @@ def score_gap(row: dict, source: str, row_no: int) -> float:
 
 
 def select_and_flip(rows: list[dict], source: str, args: TrainArgs) -> tuple[list[dict], dict]:
-    """--select_frac, then --flip_frac, on the training rows (already checked by parse_row).
+    """--select_frac, then --flip_frac, on the training rows.
 
     Selection keeps the round(q x N) rows with the largest score gap (ties: the earlier row), in file order.
     Flipping swaps chosen and rejected in round(p x kept) rows drawn with --seed: the same rows on every
@@ -395,7 +395,10 @@ def select_and_flip(rows: list[dict], source: str, args: TrainArgs) -> tuple[lis
     """
     counts = {"loaded": len(rows)}
     if args.select_frac < 1:
-        gaps = [score_gap(row, source, row_no) for row_no, row in enumerate(rows, 1)]
+        gaps = []
+        for row_no, row in enumerate(rows, 1):  # every row checked here: after selection, row numbers shift
+            parse_row(row, source, row_no)
+            gaps.append(score_gap(row, source, row_no))
         by_gap = sorted(range(len(rows)), key=lambda i: -gaps[i])  # stable: ties keep file order
         rows = [rows[i] for i in sorted(by_gap[: round(args.select_frac * len(rows))])]
         counts["kept"] = len(rows)
@@ -662,7 +665,7 @@ def initial_weights_id(args: TrainArgs) -> str:
         return f"tiny|seed {args.seed}"
     folder = Path(args.model).expanduser()
     if not folder.is_dir():
-        return args.model  # a hub name: its files do not change under the same name
+        return args.model  # a hub name: a new revision pushed under the same name is not noticed
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     return str(folder.resolve()) + "".join(f"|{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
 
@@ -908,8 +911,6 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, train_source, test_rows, test_source = load_data(args)
-    for row_no, row in enumerate(train_rows, 1):  # errors name the file's rows, before selection drops some
-        parse_row(row, train_source, row_no)
     train_rows, train_counts = select_and_flip(train_rows, train_source, args)
     if "kept" in train_counts:
         log(f"--select_frac {args.select_frac}: kept {train_counts['kept']} of {train_counts['loaded']} training pairs")

@@ -3,7 +3,7 @@
 Each cell trains one method with `--flip_frac p --seed s` (chosen and rejected swapped in a seeded fraction p
 of the training pairs, never in the held-out ones) and records its final held-out reward accuracy. The study
 folder gets `results.jsonl` (one line per finished cell), `table.md` (mean ± std over seeds) and `plot.png`
-(accuracy against p, one line per method, the band spans the seeds), all rewritten after every cell.
+(accuracy against p, one line per method, a bar spans the seeds), all rewritten after every cell.
 Running the same command again skips finished cells; an interrupted cell resumes from its checkpoint.
 
     python robustness.py                                     # 8 methods x 5 p x 3 seeds on the tiny task (CPU)
@@ -194,7 +194,8 @@ def study(args: StudyArgs, train_flags: list[str]) -> list[dict]:
     folder = Path(args.output_dir)
     results = load_results(folder, {"model": args.model, "data": args.data, "train_flags": train_flags})
     grid = [(m, p, s) for m in args.methods for p in args.flip_fracs for s in args.seeds]
-    wanted = [r for r in results if (r["method"], r["flip_frac"], r["seed"]) in set(grid)]  # this grid's cells
+    in_grid = set(grid)
+    wanted = [r for r in results if (r["method"], r["flip_frac"], r["seed"]) in in_grid]  # this grid's cells
     done = {(r["method"], r["flip_frac"], r["seed"]) for r in wanted}
     todo = [cell for cell in grid if cell not in done]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="robustness", unit="run", dynamic_ncols=True)
