@@ -1,11 +1,13 @@
 """minpo common: everything the method files share, and nothing that differs between them.
 
-Read top to bottom: arguments, model and tokenizer, data, log-probs, distributed setup,
-reference log-probs, checkpoints, the training loop. Loss math, β/γ/α and method defaults
+Read top to bottom: arguments, model and tokenizer, data, log-probs, distributed setup, the output
+folder, reference log-probs, checkpoints, the training loop. Loss math, β/γ/α and method defaults
 live in the method files (dpo.py, simpo.py, ...), never here.
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
@@ -13,13 +15,17 @@ import math
 import os
 import random
 import resource
+import secrets
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -44,12 +50,26 @@ TINY_DATA_DIR = REPO_DIR / "data" / "tiny"
 
 
 class InputError(ValueError):
-    """Bad input from the user: printed as one line, no traceback."""
+    """Bad input from the user: printed as one line, no traceback (exit 2)."""
 
 
-def first_line(error: Exception) -> str:
+class RunStopped(Exception):
+    """The run stopped early on purpose (a signal, a non-finite loss, a full disk): one line and its exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def first_line(error: BaseException) -> str:
     """The gist of a library's (often multi-line) error, for a one-line message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def log(message: str) -> None:
+    """One line from rank 0: every rank runs the same code, one of them speaks."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(f"[minpo] {message}")
 
 
 # ---- arguments ----
@@ -68,7 +88,7 @@ class TrainArgs:
     test_data: str | None = None
     """held-out file for a local training file; without it 5% of the training rows are held out"""
     max_train_samples: int | None = None
-    """use only the first N training pairs"""
+    """use only the first N training pairs (leave it out to use every one)"""
     max_test_samples: int | None = 1000
     """use only the first N held-out pairs"""
     select_frac: float = 1.0
@@ -79,9 +99,9 @@ class TrainArgs:
     output_dir: str | None = None
     """where the model, metrics and checkpoints go; None: ckpt/<method>"""
     max_length: int = 2048
-    """prompt + completion tokens; longer completions are cut"""
+    """prompt + completion tokens; a longer pair has its prompt cut to max_prompt_length, then its replies"""
     max_prompt_length: int = 1800
-    """prompt tokens kept (the last ones); must be < max_length"""
+    """prompt tokens kept (the last ones) when a pair is longer than max_length; must be < max_length"""
     global_batch_size: int = 128
     """pairs per optimizer step, over all processes (= micro_batch_size x accumulation x world size)"""
     micro_batch_size: int = 2
@@ -95,21 +115,25 @@ class TrainArgs:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient clipping"""
+    """gradient clipping (0: no clipping)"""
     seed: int = 42
     """seed for data order and the tiny model"""
-    bf16: bool = True
-    """bf16 compute with fp32 master weights on GPU (CPU always runs fp32)"""
-    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 compute over fp32 master weights on GPU, fp32 on CPU; bf16 asks for it on CPU too"""
+    gradient_checkpointing: bool = True
     """recompute decoder activations in backward: about one more forward, much less memory"""
+    gradient_sync: Literal["micro_batch", "step"] = "micro_batch"
+    """reduce-scatter gradients after every micro-batch (FSDP accumulates sharded gradients: least memory), or
+    once per step (each GPU holds the full fp32 gradient between micro-batches)"""
     logps_chunk_size: int = 256
     """completion tokens per lm_head chunk (one chunk x vocabulary fp32 buffer); [N, T, V] never exists"""
     eval_steps: int = 0
     """also measure held-out reward accuracy every N steps (0: only at start and end)"""
     save_steps: int = 100
-    """write a resumable checkpoint every N steps (0: never)"""
+    """write a resumable checkpoint every N steps (0: only when stopped by SIGTERM or SIGINT)"""
     resume: bool = False
-    """continue from output_dir/checkpoint"""
+    """continue from output_dir/checkpoint with the same flags; a checkpoint folder is trusted like code (torch's
+    checkpoint metadata is a pickle)"""
     ref_cache_dir: str = "~/.cache/minpo/ref_logps"
     """where reference log-probs are cached, shared by every method"""
 
@@ -125,7 +149,20 @@ TINY_DEFAULTS = dict(
     max_length=128,
     max_prompt_length=96,
     save_steps=50,
+    gradient_checkpointing=False,
 )
+# Flags a resumed run may change: they change how the work is done, not its result.
+RESUME_MAY_CHANGE = {
+    "output_dir",
+    "resume",
+    "micro_batch_size",
+    "gradient_checkpointing",
+    "gradient_sync",
+    "logps_chunk_size",
+    "eval_steps",
+    "save_steps",
+    "ref_cache_dir",
+}
 
 
 def parse_args(args_cls: type[TrainArgs], argv: list[str] | None = None) -> TrainArgs:
@@ -133,21 +170,37 @@ def parse_args(args_cls: type[TrainArgs], argv: list[str] | None = None) -> Trai
     args = tyro.cli(args_cls, args=argv, use_underscores=True, description=sys.modules[args_cls.__module__].__doc__)
     if args.model == "tiny":
         given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        given |= {name.removeprefix("no_") for name in given}  # --no_gradient_checkpointing
         for name, value in TINY_DEFAULTS.items():
             if name not in given:
                 setattr(args, name, value)
     return args
 
 
+NOTES = {
+    "max_grad_norm": " (0 turns clipping off)",
+    "max_train_samples": " (leave it out to use every training pair)",
+    "max_test_samples": " (leave it out to use every held-out pair)",
+}
+
+
 def check_args(args: TrainArgs, world_size: int) -> None:
-    for name in ("micro_batch_size", "global_batch_size", "num_epochs", "logps_chunk_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be at least 1")
-    if args.global_batch_size % (args.micro_batch_size * world_size):
-        raise InputError(
-            f"--global_batch_size {args.global_batch_size} is not a multiple of --micro_batch_size "
-            f"{args.micro_batch_size} x {world_size} processes; pick sizes that divide"
-        )
+    """Every numeric flag in range, before any work: one line naming the flag."""
+    for field in fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{field.name} must be a finite number, got {value}")
+    lowest = dict(micro_batch_size=1, global_batch_size=1, num_epochs=1, logps_chunk_size=1, max_length=2)
+    lowest |= dict(max_prompt_length=1, max_train_samples=1, max_test_samples=1, eval_steps=0, save_steps=0, seed=0)
+    lowest |= dict(weight_decay=0, max_grad_norm=0)
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise InputError(f"--{name} must be at least {low}, got {value}" + (NOTES.get(name) or ""))
+    if not args.learning_rate > 0:
+        raise InputError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise InputError(f"--warmup_ratio {args.warmup_ratio} must be in [0, 1]: the fraction of steps with warm-up")
     if not 0 <= args.flip_frac < 1:
         raise InputError(f"--flip_frac {args.flip_frac} must be in [0, 1): the fraction of training labels to swap")
     if not 0 < args.select_frac <= 1:
@@ -157,6 +210,15 @@ def check_args(args: TrainArgs, world_size: int) -> None:
             f"--max_prompt_length {args.max_prompt_length} must be smaller than --max_length {args.max_length}, "
             "or no completion token is left"
         )
+    if args.global_batch_size % (args.micro_batch_size * world_size):
+        raise InputError(
+            f"--global_batch_size {args.global_batch_size} is not a multiple of --micro_batch_size "
+            f"{args.micro_batch_size} x {world_size} processes; pick sizes that divide"
+        )
+
+
+def uses_bf16(args: TrainArgs, device: torch.device) -> bool:
+    return args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
 
 
 # ---- model and tokenizer ----
@@ -231,7 +293,7 @@ def load_tokenizer(name: str):
     if looks_local and not (Path(name).expanduser() / "config.json").is_file():
         raise InputError(f"{name} is not a model folder (no config.json); pass a hub name, a model folder, or 'tiny'")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from None
     if not tokenizer.chat_template:
@@ -244,16 +306,31 @@ def load_model(name: str, tokenizer, dtype=torch.float32, seed: int = 0, empty: 
     this and receive the weights from rank 0 once sharded, so a node reads and holds the model once."""
     if name == "tiny":
         with torch.device("meta") if empty else contextlib.nullcontext():
-            return build_tiny_model(tokenizer, seed, dtype)
+            return disable_dropout(build_tiny_model(tokenizer, seed, dtype))
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         if empty:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+                config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _cannot_load(name, e) from None
+    return disable_dropout(model)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off, as TRL (disable_dropout=True) and SimPO do: the policy trains in train mode while reference and
+    held-out log-probs come from eval mode, so dropout would put noise into every log-ratio. Attention dropout is a
+    float on the attention module in transformers, not an nn.Dropout."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
@@ -265,8 +342,18 @@ def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
 # ---- data ----
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a local .jsonl, .json or .parquet file, with the line named when JSON is broken."""
+class Example(NamedTuple):
+    """One preference pair, checked once right after reading, with the file row it came from."""
+
+    prompt: list[dict]  # the conversation before the reply: [{role, content}, ...]
+    chosen: str  # the assistant reply
+    rejected: str
+    where: str  # "file: row n", for every later message about this pair
+    scores: tuple  # (score_chosen, score_rejected) as given; only --select_frac reads them
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(file row number, row) of a local .jsonl, .json or .parquet file, with the line named when JSON is broken."""
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
@@ -275,7 +362,7 @@ def read_rows(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((line_no, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}: row {line_no}: not valid JSON ({e.msg})") from None
         return rows
@@ -286,55 +373,16 @@ def read_rows(path: Path) -> list[dict]:
             raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(rows, list):
             raise InputError(f"{path}: expected a JSON list of rows")
-        return rows
+        return list(enumerate(rows, 1))
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise InputError(f"{path}: unknown data file type {path.suffix!r} (use .jsonl, .json or .parquet)")
-
-
-def find_split_file(folder: Path, split: str) -> Path:
-    for suffix in (".jsonl", ".json", ".parquet"):
-        if (folder / f"{split}{suffix}").is_file():
-            return folder / f"{split}{suffix}"
-    raise InputError(f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet in this folder")
-
-
-def load_data(args: TrainArgs) -> tuple[list[dict], str, list[dict], str]:
-    """(train rows, train source name, test rows, test source name)."""
-    if args.data == "tiny" or Path(args.data).expanduser().is_dir():
-        folder = TINY_DATA_DIR if args.data == "tiny" else Path(args.data).expanduser()
-        train_file, test_file = find_split_file(folder, "train"), find_split_file(folder, "test")
-        train, test = read_rows(train_file), read_rows(test_file)
-        sources = str(train_file), str(test_file)
-    elif args.data.endswith((".jsonl", ".json", ".parquet")):
-        train, sources = read_rows(Path(args.data).expanduser()), (args.data, args.test_data)
-        if args.test_data:
-            test = read_rows(Path(args.test_data).expanduser())
-        else:  # hold out 5% of the rows, seeded; check them first so errors name the file's own row numbers
-            for row_no, row in enumerate(train, 1):
-                parse_row(row, args.data, row_no)
-            order = np.random.default_rng(args.seed).permutation(len(train))
-            n_test = min(1000, max(1, len(train) // 20))
-            test = [train[i] for i in sorted(order[:n_test])]
-            train = [train[i] for i in sorted(order[n_test:])]
-            sources = (f"{args.data} (train part)", f"{args.data} (held-out part)")
-    else:
-        from datasets import load_dataset
-
         try:
-            train = load_dataset(args.data, split=args.train_split).to_list()
-            test = load_dataset(args.data, split=args.test_split).to_list()
-        except Exception as e:  # hub, network and split errors all end here
-            raise InputError(
-                f"could not load data set '{args.data}' ({type(e).__name__}: {first_line(e)}); "
-                "pass a hub name, a local .jsonl/.json/.parquet file or folder, or 'tiny'"
-            ) from None
-        sources = f"{args.data}[{args.train_split}]", f"{args.data}[{args.test_split}]"
-    train = train[: args.max_train_samples] if args.max_train_samples else train
-    test = test[: args.max_test_samples] if args.max_test_samples else test
-    return train, sources[0], test, sources[1]
+            return list(enumerate(pq.read_table(path).to_pylist(), 1))
+        except pyarrow.ArrowException as e:
+            raise InputError(f"{path}: not a readable parquet file ({first_line(e)})") from None
+    raise InputError(f"{path}: unknown data file type {path.suffix!r} (use .jsonl, .json or .parquet)")
 
 
 def _reply(value, where: str) -> tuple[list[dict] | None, str]:
@@ -357,9 +405,8 @@ def _reply(value, where: str) -> tuple[list[dict] | None, str]:
     return [{"role": m["role"], "content": m["content"]} for m in value[:-1]], value[-1]["content"]
 
 
-def parse_row(row, source: str, row_no: int) -> tuple[list[dict], str, str]:
-    """One data row -> (prompt messages, chosen reply, rejected reply), or an error naming file, row and field."""
-    where = f"{source}: row {row_no}"
+def parse_row(row, where: str) -> Example:
+    """One data row -> an Example, or an error naming file, row and field."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object with prompt, chosen, rejected")
     for field in ("prompt", "chosen", "rejected"):
@@ -371,46 +418,118 @@ def parse_row(row, source: str, row_no: int) -> tuple[list[dict], str, str]:
     rejected_prefix, rejected = _reply(row["rejected"], f"{where}: field 'rejected'")
     if chosen_prefix and rejected_prefix is not None and chosen_prefix != rejected_prefix:
         raise InputError(f"{where}: fields 'chosen' and 'rejected' start from different conversations")
-    prompt_messages = chosen_prefix or rejected_prefix or [{"role": "user", "content": row["prompt"]}]
-    return prompt_messages, chosen, rejected
+    prompt = chosen_prefix or rejected_prefix or [{"role": "user", "content": row["prompt"]}]
+    return Example(prompt, chosen, rejected, where, (row.get("score_chosen"), row.get("score_rejected")))
 
 
-def score_gap(row: dict, source: str, row_no: int) -> float:
-    where = f"{source}: row {row_no}"
-    for field in ("score_chosen", "score_rejected"):
-        value = row.get(field)
-        if value is None:
-            raise InputError(f"{where}: field '{field}' is missing; --select_frac ranks pairs by their score gap")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise InputError(f"{where}: field '{field}' must be a finite number, got {value!r}")
-    return row["score_chosen"] - row["score_rejected"]
-
-
-def select_and_flip(rows: list[dict], source: str, args: TrainArgs) -> tuple[list[dict], dict]:
-    """--select_frac, then --flip_frac, on the training rows.
-
-    Selection keeps the round(q x N) rows with the largest score gap (ties: the earlier row), in file order.
-    Flipping swaps chosen and rejected in round(p x kept) rows drawn with --seed: the same rows on every
-    rank and every resume. Returns the rows and the counts for the log and args.json.
-    """
-    counts = {"loaded": len(rows)}
-    if args.select_frac < 1:
-        gaps = []
-        for row_no, row in enumerate(rows, 1):  # every row checked here: after selection, row numbers shift
-            parse_row(row, source, row_no)
-            gaps.append(score_gap(row, source, row_no))
-        by_gap = sorted(range(len(rows)), key=lambda i: -gaps[i])  # stable: ties keep file order
-        rows = [rows[i] for i in sorted(by_gap[: round(args.select_frac * len(rows))])]
-        counts["kept"] = len(rows)
-    if args.flip_frac > 0:
-        flipped = np.random.default_rng([args.seed, 7]).choice(
-            len(rows), round(args.flip_frac * len(rows)), replace=False
+def parse_rows(rows: list[tuple[int, dict]], source: str) -> list[Example]:
+    """Every row checked once; a warning when the 'prompt' field is not what the messages say (they win)."""
+    if not rows:
+        raise InputError(f"{source}: no rows")
+    examples = [parse_row(row, f"{source}: row {row_no}") for row_no, row in rows]
+    ignored = sum(
+        isinstance(row.get("chosen"), list)
+        and row["prompt"] not in [m["content"] for m in ex.prompt if m["role"] == "user"]
+        for (_, row), ex in zip(rows, examples)
+    )
+    if ignored:
+        log(
+            f"warning: {source}: in {ignored} rows the 'prompt' field is none of the user turns in 'chosen'; "
+            "the messages are used (as in SimPO's code), the 'prompt' field is ignored"
         )
-        rows = list(rows)
+    return examples
+
+
+def find_split_file(folder: Path, split: str) -> Path:
+    for suffix in (".jsonl", ".json", ".parquet"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    raise InputError(f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet in this folder")
+
+
+def load_data(args: TrainArgs) -> tuple[list[Example], str, list[Example], str]:
+    """(training pairs, their source's name, held-out pairs, theirs), every row checked."""
+    if args.data == "tiny" or Path(args.data).expanduser().is_dir():
+        folder = TINY_DATA_DIR if args.data == "tiny" else Path(args.data).expanduser()
+        train_file, test_file = find_split_file(folder, "train"), find_split_file(folder, "test")
+        train, test = (
+            parse_rows(read_rows(train_file), str(train_file)),
+            parse_rows(read_rows(test_file), str(test_file)),
+        )
+        sources = str(train_file), str(test_file)
+    elif args.data.endswith((".jsonl", ".json", ".parquet")):
+        train, sources = parse_rows(read_rows(Path(args.data).expanduser()), args.data), (args.data, args.test_data)
+        if args.test_data:
+            test = parse_rows(read_rows(Path(args.test_data).expanduser()), args.test_data)
+        else:  # hold out 5% of the rows, seeded
+            order = np.random.default_rng(args.seed).permutation(len(train))
+            n_test = min(1000, max(1, len(train) // 20))
+            test = [train[i] for i in sorted(order[:n_test])]
+            train = [train[i] for i in sorted(order[n_test:])]
+            sources = (f"{args.data} (train part)", f"{args.data} (held-out part)")
+    else:
+        from datasets import load_dataset
+
+        try:
+            train_rows = load_dataset(args.data, split=args.train_split).to_list()
+            test_rows = load_dataset(args.data, split=args.test_split).to_list()
+        except Exception as e:  # hub, network and split errors all end here
+            raise InputError(
+                f"could not load data set '{args.data}' ({type(e).__name__}: {first_line(e)}); "
+                "pass a hub name, a local .jsonl/.json/.parquet file or folder, or 'tiny'"
+            ) from None
+        sources = f"{args.data}[{args.train_split}]", f"{args.data}[{args.test_split}]"
+        train = parse_rows(list(enumerate(train_rows, 1)), sources[0])
+        test = parse_rows(list(enumerate(test_rows, 1)), sources[1])
+    train = train[: args.max_train_samples] if args.max_train_samples else train
+    test = test[: args.max_test_samples] if args.max_test_samples else test
+    return train, sources[0], test, sources[1]
+
+
+def held_out_in_training(train: list[Example], test: list[Example]) -> int:
+    """Held-out pairs that also sit in the training data (same prompt and the same two replies, either way round)."""
+
+    def key(ex: Example):
+        return json.dumps(ex.prompt), frozenset((ex.chosen, ex.rejected))
+
+    seen = {key(ex) for ex in train}
+    return sum(key(ex) in seen for ex in test)
+
+
+def score_gap(ex: Example) -> float:
+    for field, value in zip(("score_chosen", "score_rejected"), ex.scores):
+        if value is None:
+            raise InputError(f"{ex.where}: field '{field}' is missing; --select_frac ranks pairs by their score gap")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{ex.where}: field '{field}' must be a finite number, got {value!r}")
+    return ex.scores[0] - ex.scores[1]
+
+
+def select_and_flip(
+    examples: list[Example], select_frac: float, flip_frac: float, seed: int
+) -> tuple[list[Example], dict]:
+    """--select_frac, then --flip_frac, on the training pairs.
+
+    Selection keeps the round(q x N) pairs with the largest score gap (ties: the earlier row), in file order.
+    Flipping swaps chosen and rejected in round(p x kept) pairs drawn with --seed: the same pairs on every
+    rank and every resume. Returns the pairs and the counts for the log and args.json.
+    """
+    counts = {"loaded": len(examples)}
+    if select_frac < 1:
+        gaps = [score_gap(ex) for ex in examples]
+        by_gap = sorted(range(len(examples)), key=lambda i: -gaps[i])  # stable: ties keep file order
+        examples = [examples[i] for i in sorted(by_gap[: round(select_frac * len(examples))])]
+        counts["kept"] = len(examples)
+    if flip_frac > 0:
+        flipped = np.random.default_rng([seed, 7]).choice(
+            len(examples), round(flip_frac * len(examples)), replace=False
+        )
+        examples = list(examples)
         for i in flipped:
-            rows[i] = rows[i] | {"chosen": rows[i]["rejected"], "rejected": rows[i]["chosen"]}
+            ex = examples[i]
+            examples[i] = ex._replace(chosen=ex.rejected, rejected=ex.chosen, scores=ex.scores[::-1])
         counts["flipped"] = len(flipped)
-    return rows, counts
+    return examples, counts
 
 
 class Pair(NamedTuple):
@@ -423,39 +542,48 @@ class Pair(NamedTuple):
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def tokenize_pairs(rows: list[dict], source: str, tokenizer, args: TrainArgs) -> tuple[list[Pair], int]:
-    """Rows -> token pairs with the model's chat template, and how many pairs truncation emptied.
+def tokenize_pairs(
+    examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
+) -> tuple[list[Pair], int]:
+    """Pairs -> token pairs with the model's chat template, and how many pairs truncation emptied.
 
     Prompt ids = template(prompt, add_generation_prompt=True); completion ids = template(prompt + reply)
     minus that prefix. No extra BOS/EOS: the template already has what the model expects.
-    Truncation: keep the last max_prompt_length prompt tokens, then cut the completion to max_length.
+    Truncation, only for a pair longer than max_length, as the original DPO and SimPO trainers do: first keep
+    the last max_prompt_length prompt tokens; if still too long, cut both replies to max_length - max_prompt_length.
     """
-    parsed = [parse_row(row, source, i) for i, row in enumerate(rows, 1)]  # all rows checked before any work
-
-    def ids(conversations, generation_prompt):
-        texts = [
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt)
-            for c in conversations
-        ]
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    prompts = ids([p for p, _, _ in parsed], True)
-    chosen_full = ids([p + [{"role": "assistant", "content": c}] for p, c, _ in parsed], False)
-    rejected_full = ids([p + [{"role": "assistant", "content": r}] for p, _, r in parsed], False)
+    texts = []
+    for ex in examples:
+        try:
+            texts += [
+                tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True),
+                tokenizer.apply_chat_template(
+                    ex.prompt + [{"role": "assistant", "content": ex.chosen}], tokenize=False
+                ),
+                tokenizer.apply_chat_template(
+                    ex.prompt + [{"role": "assistant", "content": ex.rejected}], tokenize=False
+                ),
+            ]
+        except Exception as e:  # the template's own check, e.g. Gemma-2's "System role not supported"
+            raise InputError(f"{ex.where}: the chat template refused this conversation: {first_line(e)}") from None
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     pairs, n_empty = [], 0
-    for i, (prompt, chosen, rejected) in enumerate(zip(prompts, chosen_full, rejected_full)):
+    for ex, prompt, chosen, rejected in zip(examples, ids[0::3], ids[1::3], ids[2::3]):
         if chosen[: len(prompt)] != prompt or rejected[: len(prompt)] != prompt:
             raise InputError(
-                f"{source}: row {i + 1}: the chat template renders the prompt differently with and without "
+                f"{ex.where}: the chat template renders the prompt differently with and without "
                 "the reply, so completion tokens cannot be separated; use a model with a prefix-stable template"
             )
-        kept_prompt = prompt[-args.max_prompt_length :]
-        room = args.max_length - len(kept_prompt)
-        pair = Pair(kept_prompt, chosen[len(prompt) :][:room], rejected[len(prompt) :][:room])
-        if not pair.chosen_ids or not pair.rejected_ids:
+        chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        longer = max(len(chosen), len(rejected))
+        if len(prompt) + longer > max_length:
+            prompt = prompt[-max_prompt_length:]
+        if len(prompt) + longer > max_length:
+            chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
+        if not chosen or not rejected:
             n_empty += 1
             continue
-        pairs.append(pair)
+        pairs.append(Pair(prompt, chosen, rejected))
     return pairs, n_empty
 
 
@@ -590,7 +718,8 @@ class LogpsModel(nn.Module):
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Without torchrun, a one-process group, so there is one code path."""
+    """(rank, world size, device). Without torchrun, a one-process group, so there is one code path.
+    LOCAL_RANK picks the GPU on this node; RANK (dist.get_rank()) says who writes files: only rank 0."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
     device = device or torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -603,11 +732,29 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def on_rank0(fn: Callable, *args):
+    """fn(*args) on rank 0 only (file writes, folder moves); every rank returns its result or raises its error, so
+    no rank is left waiting in a collective."""
+    out = [None]
+    if dist.get_rank() == 0:
+        try:
+            out = [(fn(*args), None)]
+        except Exception as e:
+            out = [(None, e)]
+    dist.broadcast_object_list(out, src=0)
+    result, error = out[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def shard_model(model: nn.Module, args: TrainArgs, device: torch.device) -> LogpsModel:
-    """FSDP2: each decoder layer, then the root; bf16 compute over fp32 master weights on GPU."""
+    """FSDP2: each decoder layer, then the root; bf16 compute over fp32 master weights when --precision asks."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    on_gpu_bf16 = device.type == "cuda" and args.bf16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu_bf16 else None
+    bf16 = uses_bf16(args, device)
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -616,8 +763,8 @@ def shard_model(model: nn.Module, args: TrainArgs, device: torch.device) -> Logp
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
-    fully_shard(policy, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
     if dist.get_world_size() > 1:  # the other ranks hold empty (meta) shards: rank 0 sends the weights
         if dist.get_rank() != 0:
             policy.to_empty(device=device)
@@ -631,6 +778,112 @@ def shard_model(model: nn.Module, args: TrainArgs, device: torch.device) -> Logp
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_true(flag: bool, device) -> bool:
+    """Whether flag holds on every rank."""
+    flags = torch.tensor(float(flag), device=device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return bool(flags.item())
+
+
+# ---- the output folder ----
+# One run at a time: rank 0 holds an exclusive lock on output_dir/.lock for the life of the run (the OS releases it
+# when the process dies) and writes a token into it that every other rank must read back, which proves they all
+# see the same folder (on more than one node it must be on a shared file system).
+
+LOCK_FILE = ".lock"
+
+
+def claim_output_dir(output_dir: Path) -> tuple[int, str]:
+    """Rank 0: (the locked file descriptor, the run's token); a clear error when the folder is unusable or busy."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir} is a file, not a folder; pick another --output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise InputError(
+            f"--output_dir {output_dir} is not writable ({e.strerror}); pick a folder you can write"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").split("\n")[0]
+        os.close(fd)
+        raise InputError(
+            f"{output_dir} is in use by another run ({holder}); wait for it or pick another --output_dir"
+        ) from None
+    token = secrets.token_hex(8)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n{token}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        os.close(fd)
+        raise InputError(
+            f"--output_dir {output_dir} is not writable ({e.strerror}); pick a folder you can write"
+        ) from None
+    return fd, token
+
+
+def check_same_folder(output_dir: Path, token: str) -> None:
+    """Every rank reads rank 0's token back from the lock file: one line naming the ranks that cannot."""
+    try:
+        seen = (output_dir / LOCK_FILE).read_text().split("\n")[1]
+    except (OSError, IndexError):
+        seen = None
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen == token, socket.gethostname()))
+    blind = [f"rank {rank} on {host}" for rank, (sees, host) in enumerate(views) if not sees]
+    if blind:
+        raise InputError(
+            f"{', '.join(blind)} cannot see --output_dir {output_dir} as rank 0 does: with more than one node, "
+            "--output_dir and --ref_cache_dir must be on a file system every node shares"
+        )
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, value) -> None:
+    """Atomic: a kill leaves the old file or the new one, never half of one. Strict JSON (no NaN)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def changed_flag(saved: dict, args: TrainArgs, method: str) -> str | None:
+    """The first flag a resumed run would change that shapes the result, described; None if there is none."""
+    if saved.get("method", method) != method:
+        return f"the run was started by {saved['method']}.py, not {method}.py"
+    for name, value in asdict(args).items():
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+            return f"--{name} is {saved[name]!r} in the run to resume, {value!r} now"
+    return None
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[str]:
+    """The lines of metrics.jsonl up to a step; a half-written last line (a kill during its write) is dropped."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line_no, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line_no < len(lines):
+                raise InputError(
+                    f"{path}: line {line_no} is not valid JSON; fix or delete the line, then rerun"
+                ) from None
+            log(f"warning: {path}: dropped its last line, which a kill left half-written")
+            continue
+        if record["step"] <= up_to_step:
+            kept.append(line)
+    return kept
 
 
 # ---- reference log-probs ----
@@ -660,14 +913,22 @@ def _shard_logps(policy: LogpsModel, pairs: list[Pair], batch_size: int, pad_id:
 
 def initial_weights_id(args: TrainArgs) -> str:
     """What names the initial weights: the seed for the random tiny model; for a local folder its resolved path
-    and its weight files' sizes and times, so a folder trained again gets a new reference."""
+    and its weight files' sizes and times, so a folder trained again gets a new reference; for a hub name the
+    commit the loader resolves, so a model pushed again under the same name gets a new reference too."""
     if args.model == "tiny":
         return f"tiny|seed {args.seed}"
     folder = Path(args.model).expanduser()
-    if not folder.is_dir():
-        return args.model  # a hub name: a new revision pushed under the same name is not noticed
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return str(folder.resolve()) + "".join(f"|{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        return str(folder.resolve()) + "".join(f"|{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    try:
+        revision = extract_commit_hash(cached_file(args.model, "config.json"), None)
+    except OSError:
+        revision = None
+    return f"{args.model}@{revision or 'unresolved'}"
 
 
 def ref_cache_key(weights_id: str, compute_dtype: str, pairs: list[Pair]) -> str:
@@ -681,88 +942,238 @@ def ref_cache_key(weights_id: str, compute_dtype: str, pairs: list[Pair]) -> str
     return digest.hexdigest()[:24]
 
 
-def reference_logps(
-    policy: LogpsModel, pairs: list[Pair], args: TrainArgs, pad_id: int, device, name: str, log
-) -> Tensor:
-    """[N, 2] reference (chosen, rejected) log-probs: the model at its initial weights, computed once and
-    cached on disk, so training holds one model and every method reuses the same numbers."""
-    compute_dtype = "bf16" if device.type == "cuda" and args.bf16 else "fp32"
-    cache_dir = Path(args.ref_cache_dir).expanduser()
-    cache_file = cache_dir / f"{ref_cache_key(initial_weights_id(args), compute_dtype, pairs)}.pt"
-    cached = torch.tensor(float(cache_file.is_file()), device=device)  # NCCL reduces only GPU tensors
-    dist.all_reduce(cached, op=dist.ReduceOp.MIN)  # every rank must agree, or some would wait in forwards
-    if cached.item():
-        log(f"reference log-probs ({name}): reusing cache {cache_file}")
-        return torch.load(cache_file, map_location=device)
-    ref = _shard_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
-    if dist.get_rank() == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+def read_ref_cache(cache_file: Path, n_pairs: int, device) -> Tensor | None:
+    """The cached [N, 2] log-probs, or None; a truncated, corrupt or wrong-shape file is reported and ignored."""
+    if not cache_file.is_file():
+        return None
+    try:
+        ref = torch.load(cache_file, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or corrupt: torch raises several types
+        problem = f"unreadable ({first_line(e)})"
+    else:
+        if (
+            isinstance(ref, Tensor)
+            and ref.shape == (n_pairs, 2)
+            and ref.dtype == torch.float32
+            and ref.isfinite().all()
+        ):
+            return ref
+        problem = "not the [pairs, 2] finite float32 tensor expected"
+    log(f"warning: reference cache {cache_file} is {problem}: computing it again")
+    return None
+
+
+def write_ref_cache(cache_file: Path, ref: Tensor) -> bool:
+    """Rank 0. The cache only saves time: if it cannot be written, say so and go on; never leave a temporary file."""
+    tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ref.cpu(), tmp)
         os.replace(tmp, cache_file)
-    log(f"reference log-probs ({name}): computed {len(pairs)} pairs, cached in {cache_file}")
+        return True
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk raises RuntimeError
+        reason = "the disk is full" if disk_full(e, cache_file.parent) else first_line(e)
+        log(f"warning: could not cache reference log-probs in {cache_file.parent} ({reason}); going on without it")
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+
+
+def reference_logps(policy: LogpsModel, pairs: list[Pair], args: TrainArgs, pad_id: int, device, name: str) -> Tensor:
+    """[N, 2] reference (chosen, rejected) log-probs: the model at its initial weights, computed once and
+    cached on disk, so training holds one model and every method reuses the same numbers."""
+    compute_dtype = "bf16" if uses_bf16(args, device) else "fp32"
+    cache_dir = Path(args.ref_cache_dir).expanduser()
+    cache_file = cache_dir / f"{ref_cache_key(initial_weights_id(args), compute_dtype, pairs)}.pt"
+    cached = read_ref_cache(cache_file, len(pairs), device)
+    if all_true(cached is not None, device):  # every rank must agree, or some would wait in forwards
+        log(f"reference log-probs ({name}): reusing cache {cache_file}")
+        return cached
+    ref = _shard_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
+    cached_in = f", cached in {cache_file}" if dist.get_rank() == 0 and write_ref_cache(cache_file, ref) else ""
+    log(f"reference log-probs ({name}): computed {len(pairs)} pairs{cached_in}")
     return ref
 
 
 # ---- checkpoints ----
+# output_dir/checkpoint is the one to resume from. A new one is written as checkpoint.tmp, sealed by its manifest
+# (each file's size and SHA-256, written last), then swapped in: checkpoint -> checkpoint.old, checkpoint.tmp ->
+# checkpoint, checkpoint.old removed. A folder is renamed to *.deleting before it is deleted. So a kill at any instant
+# leaves folders that recover_checkpoints() finishes or undoes at the next start, and --resume finds a damaged file
+# by the manifest before loading it.
+
+CHECKPOINT, TMP, OLD, MANIFEST = "checkpoint", "checkpoint.tmp", "checkpoint.old", "manifest.json"
 
 
-def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, loss_state=None) -> None:
-    """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG, data position and the
-    loss's state (the same on every rank), written to checkpoint.tmp and then swapped in, so a crash never
-    leaves a half-written checkpoint."""
-    rank = dist.get_rank()
-    final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save(
-        {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-        tmp / f"rng_rank{rank}.pt",
-    )
-    if rank == 0:
-        loss = loss_state.state_dict() if loss_state is not None else None
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "loss_state": loss}, tmp / "trainer.pt")
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+class StepFailed(Exception):
+    """A step could not finish (a failed write); the loop says which checkpoint is kept and stops."""
 
 
-def find_checkpoint(output_dir: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old only survives a crash in the middle of the swap
-        if (output_dir / name / "trainer.pt").is_file():
-            return output_dir / name
-    return None
+class NonFinite(StepFailed):
+    """A loss, gradient norm, metric or weight is NaN or infinite."""
+
+
+def remove(folder: Path) -> None:
+    """Rename, then delete: a half-deleted folder never keeps a name that means something."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    if folder.exists():
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed)
+
+
+def swap_in(output_dir: Path) -> None:
+    """checkpoint.tmp (sealed) becomes checkpoint. Each step can be killed and the whole run again."""
+    final, tmp, old = output_dir / CHECKPOINT, output_dir / TMP, output_dir / OLD
+    if final.exists():
+        remove(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    remove(old)
+
+
+def sealed(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def recover_checkpoints(output_dir: Path) -> list[Path]:
+    """Rank 0, at start: finish or undo what a kill interrupted. Returns the sealed checkpoints, newest first."""
+    final, tmp, old = output_dir / CHECKPOINT, output_dir / TMP, output_dir / OLD
+    for leftover in output_dir.glob("*.deleting"):
+        shutil.rmtree(leftover)
+    if sealed(tmp):  # killed after sealing, during the swap: it is the newest
+        swap_in(output_dir)
+    elif tmp.exists():  # killed while writing
+        remove(tmp)
+    if old.exists() and not final.exists():
+        os.replace(old, final)
+    return [path for path in (final, old) if sealed(path)]
+
+
+def file_digest(path: Path) -> list:
+    with path.open("rb") as f:
+        return [os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+
+
+def my_share(names) -> list:
+    """This rank's part of a list that every rank holds: hashing is spread over the ranks."""
+    return sorted(names)[dist.get_rank() :: dist.get_world_size()]
+
+
+def seal(folder: Path, files: set[str]) -> None:
+    """Each rank hashes its share of the files; rank 0 writes the manifest, which makes the checkpoint whole."""
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {name: file_digest(folder / name) for name in my_share(files)})
+    if dist.get_rank() == 0:
+        write_json(folder / MANIFEST, {name: entry for share in shares for name, entry in share.items()})
+
+
+def check_manifest(folder: Path) -> str | None:
+    """What is wrong with a checkpoint (a file missing, truncated or altered), or None; each rank checks a share."""
+    manifest = read_json(folder / MANIFEST)
+    problems = [] if isinstance(manifest, dict) else [f"{folder / MANIFEST} is unreadable"]
+    for name in my_share(manifest or {}):
+        path, (size, sha256) = folder / name, manifest[name]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path} is damaged ({path.stat().st_size} bytes, written with {size})")
+        elif file_digest(path)[1] != sha256:
+            problems.append(f"{path} is damaged (its SHA-256 is not the one it was written with)")
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, problems)
+    return next((problem for share in shares for problem in share), None)
+
+
+def rng_state() -> dict:
+    """Every generator a step may draw from, as tensors and plain types: it loads with weights_only=True."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = numpy["state"]["key"].tolist()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
+    return state | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    state["numpy"]["state"]["key"] = np.array(state["numpy"]["state"]["key"], dtype=np.uint32)
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def weights_are_finite(policy: nn.Module) -> bool:
+    shards = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
+    return all_true(bool(torch.stack([torch.isfinite(s).all() for s in shards]).all()), shards[0].device)
+
+
+def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, loss_state, record: dict) -> None:
+    """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG, the loss's state and the run's
+    flags (record, as args.json), written to checkpoint.tmp, sealed, then swapped in."""
+    if not weights_are_finite(policy):
+        raise NonFinite("the weights hold NaN or infinite values, so no checkpoint was written")
+    rank, world, tmp = dist.get_rank(), dist.get_world_size(), output_dir / TMP
+    on_rank0(remove, tmp)
+    error, files = None, {".metadata", "trainer.pt", "args.json"} | {f"rng_rank{r}.pt" for r in range(world)}
+    try:
+        model_state, optim_state = get_state_dict(policy, optimizer)
+        metadata = dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        files |= {info.relative_path for info in metadata.storage_data.values()}
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            loss = loss_state.state_dict() if loss_state is not None else None
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "loss_state": loss}, tmp / "trainer.pt")
+            write_json(tmp / "args.json", record)
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # e.g. a full disk
+        error = write_failure("the checkpoint", tmp, e)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        on_rank0(remove, tmp)  # give the space back
+        raise StepFailed(next(e for e in errors if e))
+    seal(tmp, files)
+    on_rank0(swap_in, output_dir)
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, loss_state=None) -> int:
-    model_state, optim_state = get_state_dict(policy, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
-    scheduler.load_state_dict(trainer["scheduler"])
-    if loss_state is not None:
-        loss_state.load_state_dict(trainer["loss_state"])
-    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+    """Loads a checkpoint whose files match its manifest; returns its step."""
+    try:
+        model_state, optim_state = get_state_dict(policy, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        trainer = torch.load(path / "trainer.pt", weights_only=True)
+        scheduler.load_state_dict(trainer["scheduler"])
+        if loss_state is not None:
+            loss_state.load_state_dict(trainer["loss_state"])
+        rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+        if rng_file.is_file():  # absent when resumed on more processes than saved it
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    except (Exception, dcp.api.CheckpointException) as e:
+        raise InputError(f"could not load the checkpoint in {path}: {first_line(root_error(e))}") from None
     return trainer["step"]
+
+
+def resume(checkpoints: list[Path], policy, optimizer, scheduler, loss_state) -> int:
+    """The newest checkpoint whose files are whole; the step it was written at."""
+    for path in checkpoints:
+        problem = check_manifest(path)
+        if problem is None:
+            step = load_checkpoint(path, policy, optimizer, scheduler, loss_state)
+            log(f"resumed from {path} at step {step}")
+            return step
+        log(f"warning: {problem}")
+    raise InputError(f"{problem}; no whole checkpoint is left: put the file back, or start again in a new --output_dir")
 
 
 def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torch.dtype) -> None:
     """A Hugging Face model folder that from_pretrained and vLLM load unchanged."""
+    if not weights_are_finite(policy):
+        raise NonFinite("the weights hold NaN or infinite values, so the model was not saved")
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
+
+    def write():
         model = policy.model
         # Tied weights (lm_head = embeddings) come back from the gather as two tensors: keep the one name
         # from_pretrained expects, as an unsharded save_pretrained would.
@@ -771,9 +1182,42 @@ def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torc
         state = {k: v for k, v in state.items() if k not in tied}
         model.config.dtype = save_dtype
         model.config.use_cache = True
-        model.save_pretrained(output_dir, state_dict=state)
-        tokenizer.save_pretrained(output_dir)
-    dist.barrier()
+        try:
+            model.save_pretrained(output_dir, state_dict=state)
+            tokenizer.save_pretrained(output_dir)
+        except (OSError, RuntimeError) as e:
+            raise StepFailed(write_failure("the model", output_dir, e)) from None
+
+    on_rank0(write)
+
+
+def root_error(error: BaseException) -> BaseException:
+    """The first rank's own exception inside torch.distributed.checkpoint's CheckpointException."""
+    failures = getattr(error, "failures", None)
+    return next(iter(failures.values()))[0] if failures else error
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a write failed for lack of space: ENOSPC or EDQUOT in the chain, or (torch's zip writer drops the
+    errno: "unexpected pos") less than a MiB left."""
+    seen = root_error(error)
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def write_failure(what: str, folder: Path, error: BaseException) -> str:
+    reason = first_line(root_error(error))
+    if disk_full(error, folder):
+        reason = f"the disk is full ({reason})"
+    elif "unexpected pos" in reason:  # torch's zip writer on a short write, errno lost
+        reason = f"a write was cut short, as by a full disk, a quota or a file-size limit ({reason})"
+    return f"could not write {what} in {folder}: {reason}"
 
 
 # ---- training loop ----
@@ -831,9 +1275,13 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def not_finite(record: dict) -> list[str]:
+    return [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
+
+
 def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, pad_id, device) -> dict:
     """One optimizer step over this rank's share of the global batch (indices into pairs and ref), in
-    micro-batches; returns its metrics."""
+    micro-batches; returns its metrics. A non-finite loss or gradient norm stops it before the weights change."""
     started = time.perf_counter()
     per_rank = args.global_batch_size // dist.get_world_size()
     n_micro = per_rank // args.micro_batch_size
@@ -843,7 +1291,7 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
     for micro in range(n_micro):
         ids = batch[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
         input_ids, attention_mask, completion_mask = (t.to(device) for t in collate([pairs[i] for i in ids], pad_id))
-        policy.set_requires_gradient_sync(micro == n_micro - 1)
+        policy.set_requires_gradient_sync(args.gradient_sync == "micro_batch" or micro == n_micro - 1)
         logps, lens = policy(input_ids, attention_mask, completion_mask)
         lp = pair_logps(logps, lens, ref[ids] if ref is not None else None)
         losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
@@ -860,21 +1308,55 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
                 attention_mask.sum(),
             ]
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     totals = all_reduce_sum(totals).tolist()
     names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"]
     names += ["logps/chosen", "logps/rejected"]
-    return {
-        **{name: total / args.global_batch_size for name, total in zip(names, totals)},
-        "lr": scheduler.get_last_lr()[0],
-        "grad_norm": grad_norm.item(),
+    record = {name: total / args.global_batch_size for name, total in zip(names, totals)}
+    record["grad_norm"] = grad_norm.item()
+    bad = not_finite(record)
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"{bad[0]} is {record[bad[0]]}, so the weights were not updated")
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses; after scheduler.step() it is the next step's
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return record | {
+        "lr": lr,
         "tokens/s": totals[7] / (time.perf_counter() - started),
         "peak_memory_gb": peak_memory_gb(device),
     }
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during training: finish the step, write a checkpoint,
+    stop. A second signal, or one before the first step, stops at once."""
+
+    def __init__(self):
+        self.received, self.in_loop, self.previous = None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        name, rank0 = signal.Signals(signum).name, int(os.environ.get("RANK", "0")) == 0
+        if self.received is not None or not self.in_loop:
+            if rank0:
+                print(f"[minpo] {name}: stopped at once; --resume continues from the last checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.received = signum
+        if rank0:
+            print(
+                f"[minpo] {name}: finishing this step, then writing a checkpoint (again: stop at once)", file=sys.stderr
+            )
 
 
 def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state=None) -> dict:
@@ -884,43 +1366,80 @@ def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_sta
     reset(seed), state_dict() and load_state_dict(state); it is reset here and saved in checkpoints.
     """
     rank, world, device = setup_distributed()
+    lock = None
     try:
-        return _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device)
+        with StopSignal() as stop:
+            check_args(args, world)
+            output_dir = Path(args.output_dir or f"ckpt/{method}")
+            lock, token = on_rank0(claim_output_dir, output_dir)
+            check_same_folder(output_dir, token)
+            how, checkpoints = on_rank0(plan_start, output_dir, args, method)
+            if how == "complete":
+                log(f"{output_dir} holds the finished run: nothing to do")
+                return json.loads(read_metrics(output_dir / "metrics.jsonl", math.inf)[-1])
+            return _train(args, loss_fn, needs_reference, method, loss_state, output_dir, checkpoints, stop, device)
     finally:
+        if lock is not None and rank == 0:
+            os.close(lock)
         dist.destroy_process_group()
 
 
-def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, device) -> dict:
-    def log(message):
-        if rank == 0:
-            tqdm.write(f"[minpo] {message}")
+def run_record(args: TrainArgs, method: str, **more) -> dict:
+    """args.json: the run's flags and method, then what the run adds (train_rows, completed_steps)."""
+    return asdict(args) | {"method": method} | more
 
-    check_args(args, world)
-    output_dir = Path(args.output_dir or f"ckpt/{method}")
-    checkpoint_path = find_checkpoint(output_dir)
-    if args.resume and checkpoint_path is None:
+
+def plan_start(output_dir: Path, args: TrainArgs, method: str) -> tuple[str, list[Path]]:
+    """Rank 0, holding the folder's lock: 'fresh', 'resume' (with the sealed checkpoints, newest first) or 'complete'
+    (the run already finished); one line when the folder holds something this command must not overwrite."""
+    checkpoints = recover_checkpoints(output_dir)
+    saved = read_json(checkpoints[0] / "args.json") if checkpoints else read_json(output_dir / "args.json")
+    finished = isinstance(saved, dict) and "completed_steps" in saved
+    if not args.resume:
+        if checkpoints:
+            raise InputError(
+                f"{output_dir} already holds a checkpoint: pass --resume to continue it, or pick another --output_dir"
+            )
+        if finished:
+            raise InputError(
+                f"{output_dir} holds a finished run ({saved['completed_steps']} steps): pick another --output_dir, "
+                "or delete it to train again"
+            )
+        write_json(output_dir / "args.json", run_record(args, method))
+        return "fresh", []
+    if not isinstance(saved, dict):
         raise InputError(f"--resume: no checkpoint in {output_dir}; run without --resume to start fresh")
-    if not args.resume and checkpoint_path is not None:
-        raise InputError(
-            f"{output_dir} already holds a checkpoint: pass --resume to continue it, or pick another --output_dir"
-        )
-    torch.manual_seed(args.seed)
-    if loss_state is not None:
-        loss_state.reset(args.seed)
+    problem = changed_flag(saved, args, method)
+    if problem:
+        raise InputError(f"--resume: {problem}; a resumed run keeps the flags that shape its result")
+    if finished:
+        for path in checkpoints:  # a kill after the model was saved, before its checkpoint was removed
+            remove(path)
+        return "complete", []
+    if not checkpoints:
+        log(f"--resume: no checkpoint in {output_dir} yet (the run stopped before its first one): starting at step 0")
+    return ("resume" if checkpoints else "fresh"), checkpoints
 
-    tokenizer = load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+def prepare_data(args: TrainArgs, tokenizer) -> tuple[list[Pair], list[Pair], dict]:
+    """(training pairs, held-out pairs, row counts for args.json), tokenized, every row checked before any work."""
     train_rows, train_source, test_rows, test_source = load_data(args)
-    train_rows, train_counts = select_and_flip(train_rows, train_source, args)
-    if "kept" in train_counts:
-        log(f"--select_frac {args.select_frac}: kept {train_counts['kept']} of {train_counts['loaded']} training pairs")
-    if "flipped" in train_counts:
+    overlap = held_out_in_training(train_rows, test_rows)
+    if overlap:
         log(
-            f"--flip_frac {args.flip_frac}: swapped chosen and rejected in {train_counts['flipped']} of "
+            f"warning: {overlap} of {len(test_rows)} held-out pairs also appear in the training data; "
+            "held-out metrics will look better than they are"
+        )
+    train_rows, counts = select_and_flip(train_rows, args.select_frac, args.flip_frac, args.seed)
+    if "kept" in counts:
+        log(f"--select_frac {args.select_frac}: kept {counts['kept']} of {counts['loaded']} training pairs")
+    if "flipped" in counts:
+        log(
+            f"--flip_frac {args.flip_frac}: swapped chosen and rejected in {counts['flipped']} of "
             f"{len(train_rows)} training pairs (seed {args.seed})"
         )
-    train_pairs, train_empty = tokenize_pairs(train_rows, train_source, tokenizer, args)
-    test_pairs, test_empty = tokenize_pairs(test_rows, test_source, tokenizer, args)
+    train_pairs, train_empty = tokenize_pairs(train_rows, tokenizer, args.max_length, args.max_prompt_length)
+    test_pairs, test_empty = tokenize_pairs(test_rows, tokenizer, args.max_length, args.max_prompt_length)
     if train_empty or test_empty:
         log(f"dropped {train_empty} training and {test_empty} held-out pairs left with no completion after truncation")
     if len(train_pairs) < args.global_batch_size:
@@ -928,37 +1447,41 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
             f"{train_source}: {len(train_pairs)} usable pairs, fewer than one "
             f"--global_batch_size {args.global_batch_size}"
         )
+    return train_pairs, test_pairs, counts
+
+
+def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, checkpoints, stop, device) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    if loss_state is not None:
+        loss_state.reset(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_pairs, test_pairs, train_counts = prepare_data(args, tokenizer)
+    record = run_record(args, method, train_rows=train_counts)  # args.json
+    if not checkpoints:
+        on_rank0(write_json, output_dir / "args.json", record)
 
     policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed, empty=rank != 0), args, device)
     train_ref = test_ref = None
     if needs_reference:  # before any checkpoint is loaded: the reference is the initial model
-        train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train", log)
-        test_ref = reference_logps(policy, test_pairs, args, pad_id, device, "held-out", log) if test_pairs else None
+        train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train")
+        test_ref = reference_logps(policy, test_pairs, args, pad_id, device, "held-out") if test_pairs else None
 
     steps_per_epoch = len(train_pairs) // args.global_batch_size
     total_steps = steps_per_epoch * args.num_epochs
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    fused = device.type == "cuda"  # one kernel for the whole update on GPU
+    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
-    start_step = 0
-    if args.resume:
-        start_step = load_checkpoint(checkpoint_path, policy, optimizer, scheduler, loss_state)
-        log(f"resumed from {checkpoint_path} at step {start_step}")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    start_step = resume(checkpoints, policy, optimizer, scheduler, loss_state) if checkpoints else 0
     metrics_file = output_dir / "metrics.jsonl"
-    if rank == 0:
-        kept = (
-            [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            if (args.resume and metrics_file.exists())
-            else []
-        )
-        metrics_file.write_text("".join(line + "\n" for line in kept))
-        record = asdict(args) | {"train_rows": train_counts}  # how many rows --select_frac kept, --flip_frac flipped
-        (output_dir / "args.json").write_text(json.dumps(record, indent=2) + "\n")
+    kept = read_metrics(metrics_file, start_step) if start_step else []
+    on_rank0(metrics_file.write_text, "".join(line + "\n" for line in kept))
 
     def write_metrics(record):
         if rank == 0:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
     accumulation = args.global_batch_size // world // args.micro_batch_size
     log(
@@ -968,32 +1491,50 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     result = {}
     if test_pairs and start_step == 0:
         result = evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
+        bad = not_finite(result)
+        if bad:
+            raise RunStopped(f"step 0: {bad[0]} is {result[bad[0]]}; check the loss's hyper-parameters and the data")
         write_metrics({"step": 0, **result})
         log(f"step 0: held-out reward accuracy {result['eval/reward_accuracy']:.3f}")
     first_accuracy = result.get("eval/reward_accuracy")
 
-    bar = tqdm(total=total_steps, initial=start_step, desc=method, disable=rank != 0, dynamic_ncols=True)
-    for step in range(start_step, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if step == start_step or index == 0:
-            epoch_batches = step_batches(train_pairs, args, epoch)
-        batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
-        record = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch}
-        record |= train_step(policy, optimizer, scheduler, batch, train_pairs, train_ref, loss_fn, args, pad_id, device)
-        if test_pairs and (step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)):
-            record |= evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
-        write_metrics(record)
-        result = record
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracy']:.2f}")
-        bar.update()
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1, loss_state)
-    bar.close()
-
-    save_dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    save_model(output_dir, policy, tokenizer, save_dtype)
-    if rank == 0:  # the run is complete: the model folder replaces its checkpoint
-        shutil.rmtree(output_dir / "checkpoint", ignore_errors=True)
+    last_saved, step = (start_step or None), start_step
+    stop.in_loop = True
+    try:
+        with tqdm(total=total_steps, initial=start_step, desc=method, disable=rank != 0, dynamic_ncols=True) as bar:
+            for step in range(start_step, total_steps):
+                epoch, index = divmod(step, steps_per_epoch)
+                if step == start_step or index == 0:
+                    epoch_batches = step_batches(train_pairs, args, epoch)
+                batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
+                result = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch}
+                result |= train_step(
+                    policy, optimizer, scheduler, batch, train_pairs, train_ref, loss_fn, args, pad_id, device
+                )
+                if test_pairs and (step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)):
+                    result |= evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
+                bad = not_finite(result)
+                if bad:
+                    raise NonFinite(f"{bad[0]} is {result[bad[0]]}")
+                write_metrics(result)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", acc=f"{result['rewards/accuracy']:.2f}")
+                bar.update()
+                stopping = not all_true(stop.received is None, device) and step + 1 < total_steps
+                if stopping or (args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps):
+                    save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1, loss_state, record)
+                    last_saved = step + 1
+                if stopping:
+                    signum = stop.received or signal.SIGTERM
+                    raise RunStopped(
+                        f"{signal.Signals(signum).name}: stopped after step {step + 1} of {total_steps}, checkpoint "
+                        f"saved in {output_dir / CHECKPOINT}; to continue, run the same command with --resume",
+                        128 + signum,
+                    )
+        save_dtype = torch.bfloat16 if uses_bf16(args, device) else torch.float32
+        save_model(output_dir, policy, tokenizer, save_dtype)
+    except StepFailed as e:
+        raise RunStopped(f"step {step + 1}: {e}. {after_failure(e, step + 1, args, last_saved)}") from None
+    on_rank0(finish_run, output_dir, record | {"completed_steps": total_steps})
     if "eval/reward_accuracy" in result:
         start = f"{first_accuracy:.3f} -> " if first_accuracy is not None else ""
         log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")
@@ -1001,13 +1542,33 @@ def _train(args, loss_fn, needs_reference, method, loss_state, rank, world, devi
     return result
 
 
+def after_failure(error: StepFailed, step: int, args: TrainArgs, last_saved: int | None) -> str:
+    """What is kept and what to do, for the one line a failed step ends with."""
+    kept = f"the checkpoint of step {last_saved} is kept" if last_saved else "no checkpoint was written"
+    if not isinstance(error, NonFinite):
+        return f"Nothing is lost: {kept}; make room, then run the same command with --resume"
+    cause = (
+        "the loss's hyper-parameters or the data (the initial weights already give it)"
+        if step == 1
+        else f"too high a learning rate (--learning_rate {args.learning_rate:g})"
+    )
+    return f"Nothing was saved from this step; {kept}. Likely cause: {cause}; start again with other flags"
+
+
+def finish_run(output_dir: Path, record: dict) -> None:
+    """Rank 0, after the model is saved: mark the run complete, then drop its checkpoints."""
+    write_json(output_dir / "args.json", record)
+    remove(output_dir / CHECKPOINT)
+    remove(output_dir / OLD)
+
+
 def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=None) -> None:
-    """Entry point of every method file: parse flags, train, and print bad input as one line."""
+    """Entry point of every method file: parse flags, train, and end a bad input or a stop in one line."""
     method = Path(inspect.getfile(loss_fn)).stem
     args = parse_args(args_cls)
     try:
         train(args, loss_fn, needs_reference, method, loss_state)
-    except InputError as e:
+    except (InputError, RunStopped) as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{method}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            print(f"{method}: {'error' if isinstance(e, InputError) else 'stopped'}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code if isinstance(e, RunStopped) else 2)

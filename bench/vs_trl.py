@@ -151,7 +151,7 @@ def run_minpo(method: str, config: Config, work_dir: Path, gradient_checkpointin
         micro_batch_size=config.micro_batch,
         global_batch_size=config.global_batch,
         learning_rate=LEARNING_RATE,
-        bf16=config.bf16,
+        precision="bf16" if config.bf16 else "fp32",
         gradient_checkpointing=gradient_checkpointing,
         ref_cache_dir=str(work_dir / "ref"),
     )
@@ -161,7 +161,7 @@ def run_minpo(method: str, config: Config, work_dir: Path, gradient_checkpointin
     policy = common.shard_model(model, args, device)
     pairs = [common.Pair(*p) for p in synthetic_pairs(config)]
     started = time.perf_counter()
-    ref = common.reference_logps(policy, pairs, args, 0, device, "train", print) if module.NEEDS_REFERENCE else None
+    ref = common.reference_logps(policy, pairs, args, 0, device, "train") if module.NEEDS_REFERENCE else None
     info["precompute_s"] = time.perf_counter() - started
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

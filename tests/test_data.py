@@ -25,6 +25,20 @@ def write_jsonl(path, rows):
     return path
 
 
+def examples(rows, source="mem"):
+    """Rows as read from a file, checked: row n is the file's row n."""
+    return common.parse_rows(list(enumerate(rows, 1)), source)
+
+
+def tokenize(rows, tokenizer, args=None):
+    args = args or common.TrainArgs()
+    return common.tokenize_pairs(examples(rows), tokenizer, args.max_length, args.max_prompt_length)
+
+
+def select_and_flip(rows, source, args):
+    return common.select_and_flip(examples(rows, source), args.select_frac, args.flip_frac, args.seed)
+
+
 BAD_ROWS = [
     ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "field 'prompt' must be a non-empty string"),
@@ -57,9 +71,8 @@ BAD_ROWS = [
 @pytest.mark.parametrize("bad_row, message", BAD_ROWS)
 def test_bad_row_names_file_row_and_field(tmp_path, tiny, bad_row, message):
     path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(), good_row(), bad_row, good_row()])
-    rows = common.read_rows(path)
     with pytest.raises(common.InputError) as error:
-        common.tokenize_pairs(rows, str(path), tiny[1], common.TrainArgs())
+        common.parse_rows(common.read_rows(path), str(path))
     assert str(error.value).startswith(f"{path}: row 3: ")
     assert message in str(error.value)
 
@@ -114,7 +127,7 @@ def test_cli_error_is_one_line(tmp_path):
 def test_tokenization_uses_the_chat_template(tiny):
     """Prompt = template with the generation prompt; completion = the rest of the conversation; no extra BOS/EOS."""
     tokenizer = tiny[1]
-    pairs, dropped = common.tokenize_pairs([good_row("Q?", "yes", "no")], "mem", tokenizer, common.TrainArgs())
+    pairs, dropped = tokenize([good_row("Q?", "yes", "no")], tokenizer)
     (pair,) = pairs
     assert dropped == 0
     assert tokenizer.decode(pair.prompt_ids) == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
@@ -125,7 +138,7 @@ def test_tokenization_uses_the_chat_template(tiny):
 def test_plain_string_replies(tiny):
     """chosen/rejected as plain strings: the prompt becomes one user turn."""
     row = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
-    (pair,), _ = common.tokenize_pairs([row], "mem", tiny[1], common.TrainArgs())
+    (pair,), _ = tokenize([row], tiny[1])
     assert tiny[1].decode(pair.prompt_ids + pair.chosen_ids) == (
         "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
     )
@@ -134,7 +147,7 @@ def test_plain_string_replies(tiny):
 def test_truncation_keeps_prompt_end_and_cuts_completion(tiny):
     tokenizer = tiny[1]
     args = common.TrainArgs(max_length=30, max_prompt_length=20)
-    (pair,), _ = common.tokenize_pairs([good_row("x" * 50, "y" * 40, "z")], "mem", tokenizer, args)
+    (pair,), _ = tokenize([good_row("x" * 50, "y" * 40, "z")], tokenizer, args)
     assert len(pair.prompt_ids) == 20
     assert tokenizer.decode(pair.prompt_ids).endswith("x<|im_end|>\n<|im_start|>assistant\n")
     assert len(pair.prompt_ids) + len(pair.chosen_ids) == 30 and tokenizer.decode(pair.chosen_ids) == "y" * 10
@@ -148,7 +161,7 @@ def test_empty_completion_is_dropped_and_counted():
         "{%- for message in messages %}", "{%- for message in messages if message['content'] != 'SKIP' %}"
     ).replace("if add_generation_prompt", "if add_generation_prompt or messages[-1]['content'] == 'SKIP'")
     rows = [good_row(), good_row(chosen="SKIP"), good_row()]
-    pairs, dropped = common.tokenize_pairs(rows, "mem", tokenizer, common.TrainArgs())
+    pairs, dropped = tokenize(rows, tokenizer)
     assert (len(pairs), dropped) == (2, 1)
 
 
@@ -156,13 +169,13 @@ def test_local_file_holds_out_five_percent(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", [good_row(f"p{i}") for i in range(100)])
     train, _, test, _ = common.load_data(common.TrainArgs(data=str(path)))
     assert (len(train), len(test)) == (95, 5)
-    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+    assert {r.prompt[0]["content"] for r in train}.isdisjoint(r.prompt[0]["content"] for r in test)
 
 
 def test_tiny_data_is_well_formed(tiny):
     train, train_source, test, test_source = common.load_data(common.TrainArgs(data="tiny", max_test_samples=None))
     assert (len(train), len(test)) == (1600, 200)
-    pairs, dropped = common.tokenize_pairs(train, train_source, tiny[1], common.TrainArgs())
+    pairs, dropped = common.tokenize_pairs(train, tiny[1], 2048, 1800)
     assert dropped == 0 and len(pairs) == 1600
 
 
@@ -174,11 +187,12 @@ def scored_row(i, gap):
 
 
 def swapped(before, after):
-    """Indices of rows whose chosen and rejected traded places (and nothing else changed)."""
+    """Indices of pairs whose chosen and rejected traded places (and nothing else changed)."""
+    before = examples(before) if isinstance(before[0], dict) else before
     out = []
     for i, (b, a) in enumerate(zip(before, after)):
         if a != b:
-            assert a == b | {"chosen": b["rejected"], "rejected": b["chosen"]}
+            assert a == b._replace(chosen=b.rejected, rejected=b.chosen, scores=b.scores[::-1])
             out.append(i)
     return out
 
@@ -186,7 +200,7 @@ def swapped(before, after):
 @pytest.mark.parametrize("flip_frac, n_rows", [(0.1, 1600), (0.25, 7), (0.3, 50), (0.5, 3), (0.999, 10)])
 def test_flip_frac_swaps_exactly_round_p_n_pairs(flip_frac, n_rows):
     rows = [scored_row(i, i % 4) for i in range(n_rows)]
-    flipped_rows, counts = common.select_and_flip(rows, "mem", common.TrainArgs(flip_frac=flip_frac, seed=3))
+    flipped_rows, counts = select_and_flip(rows, "mem", common.TrainArgs(flip_frac=flip_frac, seed=3))
     flipped = swapped(rows, flipped_rows)
     assert len(flipped) == counts["flipped"] == round(flip_frac * n_rows)
     assert rows == [scored_row(i, i % 4) for i in range(n_rows)]  # the caller's rows are left as they were
@@ -195,25 +209,25 @@ def test_flip_frac_swaps_exactly_round_p_n_pairs(flip_frac, n_rows):
 def test_flip_frac_is_deterministic_for_a_seed():
     rows = [scored_row(i, 1) for i in range(200)]
     flips = {
-        seed: swapped(rows, common.select_and_flip(rows, "m", common.TrainArgs(flip_frac=0.2, seed=seed))[0])
+        seed: swapped(rows, select_and_flip(rows, "mem", common.TrainArgs(flip_frac=0.2, seed=seed))[0])
         for seed in (1, 2)
     }
-    again = swapped(rows, common.select_and_flip(rows, "m", common.TrainArgs(flip_frac=0.2, seed=1))[0])
+    again = swapped(rows, select_and_flip(rows, "mem", common.TrainArgs(flip_frac=0.2, seed=1))[0])
     assert again == flips[1] and len(flips[1]) == 40
     assert flips[1] != flips[2]
-    no_flip, counts = common.select_and_flip(rows, "m", common.TrainArgs())
-    assert no_flip == rows and counts == {"loaded": 200}
+    no_flip, counts = select_and_flip(rows, "mem", common.TrainArgs())
+    assert no_flip == examples(rows) and counts == {"loaded": 200}
 
 
 def test_select_frac_keeps_the_largest_score_gaps_in_file_order():
     gaps = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
-    rows = [scored_row(i, gap) for i, gap in enumerate(gaps)]
-    kept, counts = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.3))
+    rows = examples([scored_row(i, gap) for i, gap in enumerate(gaps)])
+    kept, counts = common.select_and_flip(rows, 0.3, 0.0, 42)
     assert kept == [rows[4], rows[5], rows[7]]  # gaps 9, 6 and the first of the two 5s
     assert counts == {"loaded": 10, "kept": 3}
-    kept, _ = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.5))
+    kept, _ = common.select_and_flip(rows, 0.5, 0.0, 42)
     assert [gaps[rows.index(r)] for r in kept] == [4, 5, 9, 6, 5]
-    both, counts = common.select_and_flip(rows, "mem", common.TrainArgs(select_frac=0.5, flip_frac=0.4))
+    both, counts = common.select_and_flip(rows, 0.5, 0.4, 42)
     assert counts == {"loaded": 10, "kept": 5, "flipped": 2}  # flips count the kept pairs
     assert len(swapped(kept, both)) == 2
 
@@ -223,7 +237,7 @@ def test_select_frac_keeps_the_largest_score_gaps_in_file_order():
     [
         (dict(flip_frac=-0.1), r"--flip_frac -0.1 must be in \[0, 1\)"),
         (dict(flip_frac=1.0), r"--flip_frac 1.0 must be in \[0, 1\)"),
-        (dict(flip_frac=float("nan")), r"--flip_frac nan must be in \[0, 1\)"),
+        (dict(flip_frac=float("nan")), "--flip_frac must be a finite number, got nan"),
         (dict(select_frac=0.0), r"--select_frac 0.0 must be in \(0, 1\]"),
         (dict(select_frac=1.5), r"--select_frac 1.5 must be in \(0, 1\]"),
     ],
@@ -245,8 +259,8 @@ def test_select_frac_needs_scores(change, message):
     rows = [scored_row(i, 1) for i in range(5)]
     change(rows[2])
     with pytest.raises(common.InputError, match=f"data.jsonl: {message}"):
-        common.select_and_flip(rows, "data.jsonl", common.TrainArgs(select_frac=0.5))
-    common.select_and_flip(rows, "data.jsonl", common.TrainArgs(flip_frac=0.5))  # flipping needs no scores
+        select_and_flip(rows, "data.jsonl", common.TrainArgs(select_frac=0.5))
+    select_and_flip(rows, "data.jsonl", common.TrainArgs(flip_frac=0.5))  # flipping needs no scores
 
 
 class Stop(Exception):
@@ -258,10 +272,10 @@ def test_training_flips_only_training_pairs(tmp_path, monkeypatch):
     round(p x N) pairs swapped, the held-out rows none, and args.json records the counts."""
     rows = [scored_row(i, i % 7) for i in range(200)]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    seen = {}
+    seen = []  # the training pairs, then the held-out ones
 
-    def record(rows, source, tokenizer, args):
-        seen[source] = rows
+    def record(examples, tokenizer, max_length, max_prompt_length):
+        seen.append(examples)
         if len(seen) == 2:
             raise Stop
         return [], 0
@@ -272,9 +286,9 @@ def test_training_flips_only_training_pairs(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         common.train(args, None, False, "dpo")
     train_original, _, test_original, _ = common.load_data(args)
-    train_seen, test_seen = seen[f"{path} (train part)"], seen[f"{path} (held-out part)"]
+    train_seen, test_seen = seen
     assert test_seen == test_original and len(test_seen) == 10
-    kept, _ = common.select_and_flip(train_original, "x", common.TrainArgs(select_frac=0.5))
+    kept, _ = common.select_and_flip(train_original, 0.5, 0.0, 42)
     assert len(kept) == 95 and len(swapped(kept, train_seen)) == round(0.3 * 95)
 
 
@@ -311,17 +325,17 @@ def test_select_frac_without_scores_is_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"dpo: error: {path} (train part): row 1: field 'score_chosen' is missing; "
+        f"dpo: error: {path}: row 1: field 'score_chosen' is missing; "
         "--select_frac ranks pairs by their score gap"
     )
 
 
-def wrong_case_words(row: dict, field: str) -> int:
+def wrong_case_words(pair: common.Example, field: str) -> int:
     """Words of the reply not in the case the prompt asks for (data/tiny's rule)."""
     from data.tiny.make_tiny import ASK
 
-    case = next(case for case, asks in ASK.items() if row["prompt"].startswith(tuple(asks)))
-    return sum(word.isupper() != (case == "upper") for word in row[field][-1]["content"].split())
+    case = next(case for case, asks in ASK.items() if pair.prompt[-1]["content"].startswith(tuple(asks)))
+    return sum(word.isupper() != (case == "upper") for word in getattr(pair, field).split())
 
 
 def test_tiny_scores_make_large_gaps_cleaner():
@@ -329,14 +343,14 @@ def test_tiny_scores_make_large_gaps_cleaner():
     common among small score gaps and rare among large ones; held-out labels all follow the rule."""
     train, source, test, _ = common.load_data(common.TrainArgs(data="tiny", max_test_samples=None))
     mislabelled = [wrong_case_words(r, "chosen") > wrong_case_words(r, "rejected") for r in train]
-    top, _ = common.select_and_flip(train, source, common.TrainArgs(select_frac=0.5))
+    top, _ = common.select_and_flip(train, 0.5, 0.0, 42)
     top_ids = {id(r) for r in top}
     wrong_top = sum(m for r, m in zip(train, mislabelled) if id(r) in top_ids)
     wrong_bottom = sum(mislabelled) - wrong_top
     assert 0.05 < sum(mislabelled) / len(train) < 0.2
     assert wrong_top / 800 < 0.03 and wrong_bottom / 800 > 0.1
     assert all(wrong_case_words(r, "chosen") == 0 < wrong_case_words(r, "rejected") for r in test)
-    assert all(r["score_chosen"] >= r["score_rejected"] for r in train + test)
+    assert all(r.scores[0] >= r.scores[1] for r in train + test)
 
 
 def test_tiny_data_is_what_make_tiny_writes(tmp_path, monkeypatch):

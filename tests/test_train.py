@@ -196,8 +196,8 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, method):
 
     save = common.save_checkpoint
 
-    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state):
-        save(output_dir, policy, optimizer, scheduler, step, loss_state)
+    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state, record):
+        save(output_dir, policy, optimizer, scheduler, step, loss_state, record)
         if step == 8:
             raise KeyboardInterrupt  # as if the job were killed right after its second checkpoint
 
