@@ -3,11 +3,13 @@
     python eval.py ckpt/dpo                             # judged by GPT-4 Turbo: needs OPENAI_API_KEY
     python eval.py ckpt/dpo --limit 8 --judge none      # a quick look at the answers
     python eval.py ckpt/dpo --judge_base_url http://localhost:8000/v1 --judge_model NAME   # OpenAI-compatible
+    python eval.py ckpt/dpo --judge_base_url https://HOST/v1 --judge_api_key_env HOST_KEY --judge_model NAME
 
 Writes CKPT/alpaca_eval/model_outputs.json in AlpacaEval's format and reference order, rewritten after every
 batch: an interrupted run resumes where it stopped. Then CKPT/alpaca_eval/results.json: the length-controlled
 win rate (LC) and the raw win rate (WR) against the GPT-4 Turbo reference answers, with standard errors.
-LC is only defined on all 805 instructions; with --limit only WR is reported.
+LC is only defined on all 805 instructions; with --limit only WR is reported. OPENAI_API_KEY is only ever sent to
+the OpenAI API: another judge server gets the key named by --judge_api_key_env, or a dummy one.
 
 The instructions come from AlpacaEval 2's reference file, not load_dataset("tatsu-lab/alpaca_eval"), a script
 data set that datasets >= 4 cannot load. Generation uses the checkpoint's own chat template, one user turn, no
@@ -15,6 +17,7 @@ system prompt: vLLM when it is installed and a GPU is there, else batched transf
 """
 
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import torch
 import tyro
@@ -63,7 +67,10 @@ class EvalArgs:
     judge: str = "weighted_alpaca_eval_gpt4_turbo"
     """annotator config from alpaca_eval's evaluators_configs (AlpacaEval 2's judge), or 'none' to only generate"""
     judge_base_url: str | None = None
-    """send the judge's requests to this OpenAI-compatible server, e.g. http://localhost:8000/v1"""
+    """send the judge's requests to this OpenAI-compatible server: https, or http to this machine only"""
+    judge_api_key_env: str | None = None
+    """environment variable holding --judge_base_url's key (None: a dummy key, which local servers accept);
+    OPENAI_API_KEY is never sent there"""
     judge_model: str | None = None
     """model name the judge asks for (None: the annotator's own, gpt-4-1106-preview for the default)"""
 
@@ -76,6 +83,12 @@ def check_args(args: EvalArgs) -> None:
         raise InputError("--temperature must be >= 0 and --top_p in (0, 1]")
     if args.judge != "none":
         judge_configs_dir(args.judge)
+    if args.judge_base_url:
+        check_judge_url(args.judge_base_url)
+    if args.judge_api_key_env and not args.judge_base_url:
+        raise InputError("--judge_api_key_env is the key of --judge_base_url; the OpenAI API's is OPENAI_API_KEY")
+    if args.judge_api_key_env and not os.environ.get(args.judge_api_key_env):
+        raise InputError(f"--judge_api_key_env: the environment variable {args.judge_api_key_env} is not set")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise InputError(
             f"{args.checkpoint} is not a model folder (no config.json); pass the folder a training run saved "
@@ -247,6 +260,35 @@ def judge_configs_dir(judge: str) -> Path:
     return folder
 
 
+def check_judge_url(url: str) -> None:
+    """The judge server receives a key and every answer: over plain http only when it runs on this machine."""
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # an unclosed [IPv6] bracket
+        scheme = host = None
+    if scheme not in ("http", "https") or not host:
+        raise InputError(f"--judge_base_url {url}: expected https://HOST[:PORT]/PATH or http://localhost:PORT/PATH")
+    if scheme == "http" and not is_loopback(host):
+        raise InputError(f"--judge_base_url {url}: plain http would send the key and answers unencrypted; use https://")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return host == "localhost"
+
+
+def judge_client(base_url: str, api_key_env: str | None = None, **kwargs):
+    """The judge's OpenAI client for --judge_base_url, which alpaca_eval builds from client_config.yaml. The key is
+    read here from the variable that file names, so no secret is written to disk; and it is always given, since
+    openai would otherwise fall back to OPENAI_API_KEY and send the OpenAI key to this other server."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=os.environ[api_key_env] if api_key_env else "none", **kwargs)
+
+
 def has_credentials(args: EvalArgs) -> bool:
     keys = ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH")
     return bool(args.judge_base_url or any(os.environ.get(key) for key in keys))
@@ -259,10 +301,9 @@ def write_annotator_config(args: EvalArgs, judge_dir: Path) -> Path:
     configs_dir = judge_configs_dir(args.judge)
     configs = yaml.safe_load((configs_dir / args.judge / "configs.yaml").read_text())
     judge_dir.mkdir(parents=True, exist_ok=True)
-    if args.judge_base_url:
-        client = {"base_url": args.judge_base_url}
-        if not os.environ.get("OPENAI_API_KEY"):
-            client["api_key"] = "none"  # local servers accept any key; a real one is read from the environment
+    if args.judge_base_url:  # alpaca_eval imports client_class (in __main__ from the CLI), calls it with the rest
+        client = dict(client_class=f"{__name__}.judge_client", base_url=args.judge_base_url)
+        client["api_key_env"] = args.judge_api_key_env
         (judge_dir / "client_config.yaml").write_text(yaml.safe_dump({"default": [client]}))
     for config in configs.values():
         if "prompt_template" in config:  # relative to the packaged configs, which our copy does not sit beside

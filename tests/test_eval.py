@@ -199,7 +199,8 @@ def test_without_credentials_outputs_are_kept(ckpt, tmp_path, monkeypatch, capsy
 @pytest.fixture
 def judge_server():
     """start(p_model) -> (url, requests): a chat-completions server on 127.0.0.1 that prefers the model's output
-    with probability p_model[instruction], through the top_logprobs of "m" (first output) and "M" (second)."""
+    with probability p_model[instruction], through the top_logprobs of "m" (first output) and "M" (second).
+    requests holds (path, body, Authorization header) per request."""
     servers = []
 
     def start(p_model):
@@ -208,7 +209,7 @@ def judge_server():
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                requests.append((self.path, body))
+                requests.append((self.path, body, self.headers["Authorization"]))
                 prompt = "\n".join(message["content"] for message in body["messages"])
                 instruction = next(i for i in p_model if f'"""{i}"""' in prompt)
                 # alpaca_eval shuffles which output is shown first; the reference answers are easy to spot
@@ -275,12 +276,54 @@ def test_judge_against_local_server(ckpt, tmp_path, judge_server, local_only, ca
     assert "WR 55.00 ± 20.21" in out and "LC left out: it is only defined on all 805" in out
 
     assert len(requests) == 4
-    for path, body in requests:
+    for path, body, _ in requests:
         assert path == "/v1/chat/completions"
         assert body["model"] == "test-judge" and body["logprobs"] is True and body["top_logprobs"] == 5
 
     # verdicts are cached in the run folder: judging again asks for nothing
     assert eval_py.run(args)["win_rate"] == pytest.approx(55.0) and len(requests) == 4
+
+
+def test_judge_key_goes_only_to_its_server(ckpt, tmp_path, judge_server, local_only, monkeypatch):
+    """OPENAI_API_KEY belongs to the OpenAI API: another judge server gets the key --judge_api_key_env names, or a
+    dummy one, and no key is written to disk."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setenv("MINPO_JUDGE_KEY", "judge-secret")
+    reference = fake_reference(tmp_path / "reference.json", 2)
+    url, requests = judge_server({row["instruction"]: 0.5 for row in reference})
+    args = eval_args(ckpt, tmp_path / "reference.json", judge=JUDGE, judge_base_url=url, judge_model="a")
+    eval_py.run(args)
+    assert {auth for *_, auth in requests} == {"Bearer none"}
+
+    # from the command line too, where alpaca_eval finds judge_client in __main__; judge b: not from a's cache
+    command = [sys.executable, "eval.py", str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge_model"]
+    command += ["b", "--judge_base_url", url, "--judge_api_key_env", "MINPO_JUDGE_KEY"]
+    result = subprocess.run(command, cwd=common.REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(requests) == 4 and {auth for *_, auth in requests[2:]} == {"Bearer judge-secret"}
+    written = [path.read_text() for path in (ckpt / "alpaca_eval").rglob("*") if path.is_file()]
+    assert any("MINPO_JUDGE_KEY" in text for text in written) and not any("secret" in text for text in written)
+
+
+def test_remote_judge_over_plain_http_refused_before_any_work(ckpt, tmp_path, local_only, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setattr(eval_py, "load_generator", lambda args, backend: pytest.fail("model loaded"))
+    fake_reference(tmp_path / "reference.json", 2)
+    cases = [
+        (["--judge_base_url", "http://example.com/v1"], "plain http would send the key and answers unencrypted"),
+        (["--judge_base_url", "http://10.0.0.2:8000/v1"], "use https://"),
+        (["--judge_base_url", "localhost:8000/v1"], "expected https://HOST[:PORT]/PATH"),
+        (["--judge_api_key_env", "MINPO_JUDGE_KEY"], "--judge_api_key_env is the key of --judge_base_url"),
+        (["--judge_base_url", "https://example.com/v1", "--judge_api_key_env", "MINPO_UNSET"], "MINPO_UNSET is not"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            eval_py.main([str(ckpt), "--reference", str(tmp_path / "reference.json"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], (flags, err)
+    assert not (ckpt / "alpaca_eval").exists()
+    for url in ("http://localhost:8000/v1", "http://127.0.0.2/v1", "http://[::1]:8000/v1", "https://example.com/v1"):
+        eval_py.check_judge_url(url)
 
 
 def test_lc_left_out_when_its_hub_file_is_unreachable(ckpt, tmp_path, judge_server, local_only, monkeypatch):
