@@ -134,6 +134,8 @@ def read_outputs(path: Path, reference: list[dict]) -> list[dict]:
         rows = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise InputError(f"{path} is not valid JSON; delete it to start over") from None
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: expected a JSON list of answers; delete it to start over")
     for i, row in enumerate(rows):
         same = i < len(reference) and isinstance(row, dict) and row.get("instruction") == reference[i]["instruction"]
         if not same or not isinstance(row.get("output"), str):
@@ -233,7 +235,21 @@ def vllm_generator(args: EvalArgs) -> Generate:
     return generate
 
 
+def check_weights(checkpoint: str) -> None:
+    """Read each safetensors header: a truncated copy (an interrupted download or copy) fails here in one line, not
+    in a traceback from inside the loader or a vLLM worker."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path} is damaged or incomplete ({first_line(e)}); copy or save it again") from None
+
+
 def load_generator(args: EvalArgs, backend: str) -> Generate:
+    check_weights(args.checkpoint)
     return vllm_generator(args) if backend == "vllm" else hf_generator(args)
 
 

@@ -211,6 +211,43 @@ def test_bad_input_fails_in_one_line(ckpt, tmp_path, capsys):
         assert exit_info.value.code == 2 and err[-1].startswith("eval: error: ") and message in err[-1], (argv, err)
 
 
+def fails_in_one_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        eval_py.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("eval: error: "), (argv, err)
+    return err[0]
+
+
+def test_outputs_file_of_another_shape_fails_in_one_line(ckpt, tmp_path, capsys):
+    fake_reference(tmp_path / "reference.json", 2)
+    argv = [str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge", "none", "--max_new_tokens", "4"]
+    path = ckpt / "alpaca_eval" / "model_outputs.json"
+    path.parent.mkdir()
+    answer = '{"instruction": "instruction 0", "output": "an answer"}'
+    cases = [
+        ("null", "expected a JSON list of answers"),
+        ("3", "expected a JSON list of answers"),
+        ("{}", "expected a JSON list of answers"),
+        (answer, "expected a JSON list of answers"),
+        (f'[{answer}, "an answer"]', "row 1 is not an answer to reference row 1"),
+        ("[null]", "row 0 is not an answer to reference row 0"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        error = fails_in_one_line(argv, capsys)
+        assert f"{path}: {message}; delete" in error and path.read_text() == text, (text, error)
+
+
+def test_truncated_weights_fail_in_one_line_before_generating(ckpt, tmp_path, capsys):
+    fake_reference(tmp_path / "reference.json", 2)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv = [str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge", "none", "--max_new_tokens", "4"]
+    assert f"{weights} is damaged or incomplete" in fails_in_one_line(argv, capsys)
+    assert not (ckpt / "alpaca_eval" / "model_outputs.json").exists()
+
+
 def test_without_credentials_outputs_are_kept(ckpt, tmp_path, monkeypatch, capsys):
     for key in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
         monkeypatch.delenv(key, raising=False)
