@@ -109,13 +109,16 @@ def load_reference(path: str | None) -> list[dict]:
         except OSError as e:
             raise InputError(f"could not download {REFERENCE_FILE} ({first_line(e)}); pass --reference FILE") from None
     try:
-        rows = json.loads(Path(path).read_text())
+        rows = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise InputError(f"reference file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:  # a folder, no permission
+        raise InputError(f"cannot read the reference file {path} ({e.strerror})") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(rows, list) or not rows:
         raise InputError(f"{path}: expected a non-empty JSON list of AlpacaEval rows")
+    first_row = {}  # instruction -> the first row that has it
     for i, row in enumerate(rows):
         missing = [f for f in FIELDS if not isinstance(row, dict) or not isinstance(row.get(f), str)]
         if missing:
@@ -123,6 +126,9 @@ def load_reference(path: str | None) -> list[dict]:
                 f"{path}: row {i} has no string field {', '.join(missing)} "
                 f"(AlpacaEval reference rows have {', '.join(FIELDS)})"
             )
+        # the judge pairs answers with reference rows by instruction text: a repeat would pair each with both
+        if first_row.setdefault(row["instruction"], i) != i:
+            raise InputError(f"{path}: row {i} repeats the instruction of row {first_row[row['instruction']]}")
     return rows
 
 
@@ -131,9 +137,9 @@ def read_outputs(path: Path, reference: list[dict]) -> list[dict]:
     if not path.exists():
         return []
     try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not valid JSON; delete it to start over") from None
+        rows = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise InputError(f"{path} is not readable JSON ({first_line(e)}); delete it to start over") from None
     if not isinstance(rows, list):
         raise InputError(f"{path}: expected a JSON list of answers; delete it to start over")
     for i, row in enumerate(rows):
@@ -425,7 +431,10 @@ def run(args: EvalArgs, command: str = "python eval.py CKPT") -> dict | None:
     check_args(args)
     reference = load_reference(args.reference)
     out_dir = Path(args.checkpoint) / "alpaca_eval"
-    out_dir.mkdir(exist_ok=True)
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:  # a read-only model folder
+        raise InputError(f"cannot create {out_dir} ({e.strerror}); copy the model folder somewhere writable") from None
     path = out_dir / "model_outputs.json"
     rows = generate_outputs(args, reference, path)
     print(f"{path}: {len(rows)} of {len(reference)} instructions answered")

@@ -248,6 +248,29 @@ def test_truncated_weights_fail_in_one_line_before_generating(ckpt, tmp_path, ca
     assert not (ckpt / "alpaca_eval" / "model_outputs.json").exists()
 
 
+def test_unreadable_or_ambiguous_input_fails_in_one_line(ckpt, tmp_path, capsys):
+    """A file in another encoding or a folder for a file, repeated reference instructions (the judge would pair each
+    answer with both reference rows), and a model folder where alpaca_eval/ cannot be made."""
+    reference = fake_reference(tmp_path / "reference.json", 2)
+    latin1 = json.dumps([dict(reference[0], output="café")], ensure_ascii=False).encode("latin-1")
+    (tmp_path / "latin1.json").write_bytes(latin1)
+    (tmp_path / "repeated.json").write_text(json.dumps([*reference, dict(reference[0], output="other")]))
+    unwritable = Path(shutil.copytree(ckpt, tmp_path / "unwritable"))
+    (unwritable / "alpaca_eval").write_text("")  # stands for a read-only folder (tests run as root may write anyway)
+    (ckpt / "alpaca_eval").mkdir()
+    (ckpt / "alpaca_eval" / "model_outputs.json").write_bytes('[{"output": "café"}]'.encode("latin-1"))
+    flags = ["--judge", "none", "--max_new_tokens", "4", "--reference"]
+    cases = [
+        ([str(ckpt), *flags, str(tmp_path / "latin1.json")], f"{tmp_path / 'latin1.json'}: not valid JSON"),
+        ([str(ckpt), *flags, str(tmp_path)], f"cannot read the reference file {tmp_path}"),
+        ([str(ckpt), *flags, str(tmp_path / "repeated.json")], "row 2 repeats the instruction of row 0"),
+        ([str(ckpt), *flags, str(tmp_path / "reference.json")], "model_outputs.json is not readable JSON"),
+        ([str(unwritable), *flags, str(tmp_path / "reference.json")], f"cannot create {unwritable / 'alpaca_eval'}"),
+    ]
+    for argv, message in cases:
+        assert message in fails_in_one_line(argv, capsys), argv
+
+
 def test_without_credentials_outputs_are_kept(ckpt, tmp_path, monkeypatch, capsys):
     for key in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
         monkeypatch.delenv(key, raising=False)
