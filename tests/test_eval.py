@@ -2,8 +2,9 @@
 and its instructions verbatim (all 805 of the real file, when it is present); an interrupted run generates only the
 missing rows and samples what an uninterrupted one would; bad input fails in one line. The judge path runs the real
 alpaca_eval code against an OpenAI-compatible test server on 127.0.0.1 whose m/M log-probs are chosen so that the
-win rate and its standard error are known in advance, and no connection goes anywhere else. The vLLM backend, when
-installed, writes the same format."""
+win rate and its standard error are known in advance, and no connection goes anywhere else; it records the key it
+is sent, which must never be OPENAI_API_KEY. Every loader is told not to run a checkpoint's own code. The vLLM
+backend, when installed, writes the same format."""
 
 import json
 import math
