@@ -4,7 +4,9 @@ Each cell trains one method with `--flip_frac p --seed s` (chosen and rejected s
 of the training pairs, never in the held-out ones) and records its final held-out reward accuracy. The study
 folder gets `results.jsonl` (one line per finished cell), `table.md` (mean ± std over seeds) and `plot.png`
 (accuracy against p, one line per method, a bar spans the seeds), all rewritten after every cell.
-Running the same command again skips finished cells; an interrupted cell resumes from its checkpoint.
+Running the same command again skips finished cells; an interrupted cell resumes from its checkpoint. A cell
+that fails is recorded in `failures.jsonl` with the end of its log, the others still run, and the command then
+exits with status 1.
 
     python robustness.py                                     # 8 methods x 5 p x 3 seeds on the tiny task (CPU)
     python robustness.py --methods dpo simpo --seeds 1       # a subset
@@ -70,10 +72,15 @@ def cell_name(method: str, flip_frac: float, seed: int) -> str:
     return f"{method}/p{flip_frac:g}_seed{seed}"
 
 
+class CellFailed(Exception):
+    """A training run of the grid failed; the study records it and goes on."""
+
+
 def run_cell(args: StudyArgs, train_flags: list[str], method: str, flip_frac: float, seed: int) -> dict:
     """Train one cell in its own process (output in the cell's train.log) and return its result line."""
     cell_dir = Path(args.output_dir) / cell_name(method, flip_frac, seed)
-    resume = ["--resume"] if (cell_dir / "checkpoint").is_dir() else []
+    # A run that started (args.json) resumes whatever a kill left: a checkpoint, a checkpoint.old, or nothing yet.
+    resume = ["--resume"] if (cell_dir / "args.json").is_file() else []
     launcher = [sys.executable]
     if args.nproc_per_node > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
@@ -86,13 +93,13 @@ def run_cell(args: StudyArgs, train_flags: list[str], method: str, flip_frac: fl
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode == 0
     if not finished:
         tail = (cell_dir / "train.log").read_text().strip().splitlines()[-3:]
-        raise InputError(
+        raise CellFailed(
             f"{cell_name(method, flip_frac, seed)} failed; its log {cell_dir / 'train.log'} ends:\n" + "\n".join(tail)
         )
     records = [json.loads(line) for line in (cell_dir / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "eval/reward_accuracy" in r]
     if not evaluated:
-        raise InputError(
+        raise CellFailed(
             f"{cell_name(method, flip_frac, seed)} measured no held-out reward accuracy: give it held-out pairs"
         )
     if not args.keep_models:
@@ -198,10 +205,19 @@ def study(args: StudyArgs, train_flags: list[str]) -> list[dict]:
     wanted = [r for r in results if (r["method"], r["flip_frac"], r["seed"]) in in_grid]  # this grid's cells
     done = {(r["method"], r["flip_frac"], r["seed"]) for r in wanted}
     todo = [cell for cell in grid if cell not in done]
+    failures = []
+    (folder / "failures.jsonl").unlink(missing_ok=True)  # this command's failures; a rerun tries those cells again
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="robustness", unit="run", dynamic_ncols=True)
     for method, flip_frac, seed in todo:
         bar.set_postfix_str(cell_name(method, flip_frac, seed))
-        result = run_cell(args, train_flags, method, flip_frac, seed)
+        try:
+            result = run_cell(args, train_flags, method, flip_frac, seed)
+        except CellFailed as e:
+            failures.append(str(e))
+            with (folder / "failures.jsonl").open("a") as f:
+                f.write(json.dumps({"method": method, "flip_frac": flip_frac, "seed": seed, "error": str(e)}) + "\n")
+            bar.update()
+            continue
         wanted.append(result)
         with (folder / "results.jsonl").open("a") as f:
             f.write(json.dumps(result) + "\n")
@@ -212,6 +228,9 @@ def study(args: StudyArgs, train_flags: list[str]) -> list[dict]:
     print(write_table(folder / "table.md", wanted, args, train_flags))
     plot(folder / "plot.png", wanted, args)
     print(f"table: {folder / 'table.md'}, plot: {folder / 'plot.png'}")
+    if failures:
+        listed = folder / "failures.jsonl"
+        raise CellFailed(f"{len(failures)} of {len(todo)} runs failed (listed in {listed}); the first: {failures[0]}")
     return wanted
 
 
@@ -224,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as e:
         print(f"robustness: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CellFailed as e:
+        print(f"robustness: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

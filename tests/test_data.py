@@ -325,8 +325,7 @@ def test_select_frac_without_scores_is_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"dpo: error: {path}: row 1: field 'score_chosen' is missing; "
-        "--select_frac ranks pairs by their score gap"
+        f"dpo: error: {path}: row 1: field 'score_chosen' is missing; --select_frac ranks pairs by their score gap"
     )
 
 

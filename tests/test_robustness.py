@@ -80,9 +80,11 @@ def test_finished_cells_are_not_rerun_and_a_missing_one_is(finished, monkeypatch
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A cell whose run started (it wrote args.json) is continued with --resume, whatever a kill left."""
     args = small_study(tmp_path)
     cell = tmp_path / "study" / robustness.cell_name("dpo", 0.5, 1)
     (cell / "checkpoint").mkdir(parents=True)
+    (cell / "args.json").write_text("{}")
     commands = []
 
     def fake_run(command, stdout, stderr):
@@ -98,11 +100,60 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert (result["accuracy"], result["start_accuracy"], result["flipped"]) == (0.75, None, 32)
 
 
-def test_failed_cell_stops_with_its_log(tmp_path):
+def test_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
+    """--label_smoothing exists in dpo.py only: the simpo cell fails, the dpo cell still trains, and the command
+    reports the failure and exits 1."""
+    args = small_study(tmp_path, methods=("simpo", "dpo"), flip_fracs=(0.0,))
+    flags = [*SMALL, "--label_smoothing", "0.1", "--ref_cache_dir", str(tmp_path / "refs")]
+    with pytest.raises(robustness.CellFailed, match=r"1 of 2 runs failed .*failures.jsonl.*simpo/p0_seed1 failed"):
+        robustness.study(args, flags)
+    folder = tmp_path / "study"
+    (done,) = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    (failed,) = [json.loads(line) for line in (folder / "failures.jsonl").read_text().splitlines()]
+    assert done["method"] == "dpo" and failed["method"] == "simpo"
+    assert "its log" in failed["error"] and "simpo.py --help" in failed["error"]  # the end of its log
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        robustness.main(
+            ["--methods", "simpo", "--flip_fracs", "0", "--seeds", "1", "--output_dir", str(folder), "--", *flags]
+        )
+    assert exit.value.code == 1
+    assert "\nrobustness: 1 of 1 runs failed (listed in" in capsys.readouterr().err
+
+
+def test_cell_killed_with_only_checkpoint_old_resumes(tmp_path, monkeypatch):
+    """A kill between the checkpoint swap's two renames can leave a cell with checkpoint.old and checkpoint.tmp: the
+    study resumes the cell like any other interrupted one."""
+    import os
+
+    import common
+    import dpo
+
     args = small_study(tmp_path, methods=("dpo",), flip_fracs=(0.0,))
-    with pytest.raises(InputError, match=r"dpo/p0_seed1 failed; its log .*train.log ends:\n.*must be at least 1"):
-        robustness.study(args, ["--num_epochs", "0"])
-    assert not (tmp_path / "study" / "results.jsonl").exists()
+    cell = tmp_path / "study" / robustness.cell_name("dpo", 0.0, 1)
+    flags = [*SMALL, "--ref_cache_dir", str(tmp_path / "refs"), "--save_steps", "1"]
+    real_replace, renames = os.replace, []
+
+    def killed_mid_swap(src, dst):
+        renames.append(src)
+        if str(src).endswith("checkpoint.tmp") and renames.count(src) == 2:
+            raise KeyboardInterrupt  # the second swap dies after checkpoint -> checkpoint.old
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_mid_swap)
+    argv = ["--model", "tiny", "--flip_frac", "0.0", "--seed", "1", "--output_dir", str(cell), *flags]
+    with pytest.raises(KeyboardInterrupt):
+        common.train(common.parse_args(dpo.Args, argv), dpo.loss_fn, True, "dpo")
+    monkeypatch.undo()
+    assert sorted(p.name for p in cell.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint.old",
+        "checkpoint.tmp",
+    ]
+    (result,) = robustness.study(args, flags)
+    assert (
+        result["accuracy"] == json.loads((cell / "metrics.jsonl").read_text().splitlines()[-1])["eval/reward_accuracy"]
+    )
+    assert "resumed from" in (cell / "train.log").read_text()
 
 
 @pytest.mark.parametrize(
