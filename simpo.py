@@ -6,7 +6,8 @@ Meng, Xia, Chen (2024), arXiv:2405.14734
 Eq. 6 of the paper, as princeton-nlp/SimPO's simpo_loss. Compared with dpo.py:
 1. no reference model: the reward is the policy's own log-prob,
 2. averaged over completion tokens, not summed,
-3. a target margin γ, set as a ratio of β as in the authors' code.
+3. a target margin γ = gamma_beta_ratio · β, set as a ratio as in the authors' code; the default
+   0.1 x 2.5 = 0.25 is the SimPO README's Mistral-7B-Instruct row.
 
     python simpo.py --model tiny --data tiny
     torchrun --nproc_per_node 8 simpo.py --beta 2.5
@@ -26,11 +27,11 @@ LOSS_STATE = None  # the loss keeps nothing between steps
 @dataclass
 class Args(common.TrainArgs):
     beta: float = 2.5
-    """reward scale β (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
-    gamma_beta_ratio: float = 0.25
-    """target margin γ/β (minpo's Qwen2.5-7B-Instruct setting; the name is the SimPO repo's)"""
+    """reward scale β (SimPO README, Mistral-7B-Instruct row)"""
+    gamma_beta_ratio: float = 0.1
+    """target margin γ/β, so γ = 0.25 (SimPO README, Mistral-7B-Instruct row; the name is the SimPO repo's)"""
     learning_rate: float = 5e-7
-    """peak learning rate (minpo's Qwen2.5-7B-Instruct setting, shared by simpo.py and gammapo.py)"""
+    """peak learning rate (SimPO README, Mistral-7B-Instruct row)"""
 
 
 def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:
