@@ -1180,10 +1180,11 @@ def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torc
         tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
         state = {k.removeprefix("model."): v.to(save_dtype) for k, v in full.items()}
         state = {k: v for k, v in state.items() if k not in tied}
-        model.config.dtype = save_dtype
         model.config.use_cache = True
         try:
             model.save_pretrained(output_dir, state_dict=state)
+            model.config.dtype = save_dtype  # save_pretrained wrote the dtype of the fp32 master weights
+            model.config.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
         except (OSError, RuntimeError) as e:
             raise StepFailed(write_failure("the model", output_dir, e)) from None

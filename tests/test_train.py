@@ -6,6 +6,7 @@ one, gammaPO's gap history included."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -113,47 +114,117 @@ def test_reference_free_never_computes_reference(tmp_path, monkeypatch):
     assert (tmp_path / "free" / "model.safetensors").is_file()
 
 
-def test_two_fsdp_processes_match_one(tmp_path):
-    """Same global batch of 16: 1 process accumulates 4 micro-batches of 4, 2 processes 2 each, sharded by FSDP2."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common_flags = ["dpo.py", "--model", "tiny", *SMALL, "--learning_rate", "1e-3"]
-    one = [
-        sys.executable,
-        *common_flags,
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(folder, refs, *extra):
+    return [str(common.REPO_DIR / "dpo.py"), "--model", "tiny", *SMALL, "--learning_rate", "1e-3"] + [
         "--output_dir",
-        str(tmp_path / "one"),
+        str(folder),
         "--ref_cache_dir",
-        str(tmp_path / "r1"),
+        str(refs),
+        *extra,
     ]
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        *common_flags,
-        "--output_dir",
-        str(tmp_path / "two"),
-        "--ref_cache_dir",
-        str(tmp_path / "r2"),
+
+
+def two_nodes(train_args, cwds=(None, None)):
+    """torchrun --nnodes 2 --nproc_per_node 1, one launch per node on 127.0.0.1, one rendezvous."""
+    port = free_port()
+    launches = [
+        subprocess.Popen(
+            [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank)]
+            + ["--master_addr", "127.0.0.1", "--master_port", str(port), *train_args],
+            cwd=cwd or common.REPO_DIR,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, cwd in enumerate(cwds)
     ]
-    for command in (one, two):
-        result = subprocess.run(command, cwd=common.REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 x 2 x 4)" in result.stdout
-    weights_one, weights_two = (
-        load_file(tmp_path / "one" / "model.safetensors"),
-        load_file(tmp_path / "two" / "model.safetensors"),
+    return [(p.wait(timeout=300), *p.communicate()) for p in launches]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one") / "run"
+    result = subprocess.run(
+        [sys.executable, *train_command(folder, folder.parent / "refs")], env=ENV, capture_output=True, text=True
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize(
+    "launch",
+    ["2 processes, sync every micro-batch", "2 processes, sync once per step", "2 nodes x 1 process"],
+)
+def test_distributed_runs_match_one_process(one_process, tmp_path, launch):
+    """Same global batch of 16: 1 process accumulates 4 micro-batches of 4, 2 processes 2 each, sharded by FSDP2,
+    with gradients reduce-scattered after every micro-batch (the default) or once per step; and 2 nodes of one
+    process each, where both processes are LOCAL_RANK 0 and only RANK 0 writes."""
+    folder = tmp_path / "run"
+    args = train_command(folder, tmp_path / "refs")
+    if launch.startswith("2 nodes"):
+        (code, out, err), (code1, _, err1) = two_nodes(args)
+        assert code == code1 == 0, err[-3000:] + err1[-3000:]
+    else:
+        sync = ["--gradient_sync", "step"] if "per step" in launch else []
+        command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", *args, *sync]
+        result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = result.stdout
+    assert "(2 x 2 x 4)" in out
+    weights_one, weights_two = load_file(one_process / "model.safetensors"), load_file(folder / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     initial = common.build_tiny_model(common.build_tiny_tokenizer(), seed=42).state_dict()
     for name in weights_one:
         assert not torch.equal(weights_one[name], initial[name]) or "norm" in name, name  # training moved it
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-5, msg=name)
-    loss_one = [m["loss"] for m in metrics(tmp_path / "one")[1:]]
-    loss_two = [m["loss"] for m in metrics(tmp_path / "two")[1:]]
+    loss_one = [m["loss"] for m in metrics(one_process)[1:]]
+    loss_two = [m["loss"] for m in metrics(folder)[1:]]
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
+
+
+def test_a_node_that_cannot_see_the_output_folder_stops_every_rank(tmp_path):
+    """Two nodes whose --output_dir is relative to a different working folder: rank 1 does not see rank 0's folder,
+    as on a node without the shared file system. Both stop before any work, rank 0 says which rank in one line."""
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    args = [str(common.REPO_DIR / "dpo.py"), "--model", "tiny", "--output_dir", "out", "--ref_cache_dir", "refs"]
+    (code0, _, err0), (code1, _, _) = two_nodes(args, cwds=(tmp_path / "node0", tmp_path / "node1"))
+    assert code0 != 0 and code1 != 0
+    lines = [line for line in err0.splitlines() if line.startswith("dpo: error:")]
+    assert len(lines) == 1  # (torchrun then prints its own report of the failed worker)
+    assert f"rank 1 on {socket.gethostname()} cannot see --output_dir out as rank 0 does" in lines[0]
+    assert "must be on a file system every node shares" in lines[0]
+    assert not (tmp_path / "node0" / "out" / "metrics.jsonl").exists()
+
+
+def test_bf16_two_processes_learn_and_save_bf16(tmp_path):
+    """--precision bf16 on CPU runs the GPU path: FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduction over
+    fp32 master weights), the bf16 branch of the chunked LM head, and a bf16 save that transformers loads."""
+    folder = tmp_path / "run"
+    command = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(common.REPO_DIR / "dpo.py"), "--model", "tiny"]
+    command += ["--precision", "bf16", "--max_train_samples", "384", "--max_test_samples", "64"]  # 24 steps
+    command += ["--output_dir", str(folder), "--ref_cache_dir", str(tmp_path / "refs")]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(folder)
+    assert records[0]["eval/reward_accuracy"] == 0.5 and records[-1]["eval/reward_accuracy"] >= 0.8  # 0.89 measured
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(folder / "model.safetensors").values()} == {torch.bfloat16}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16
 
 
 def test_gammapo_margins_agree_across_two_processes(tmp_path):
