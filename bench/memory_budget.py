@@ -4,8 +4,8 @@ What one GPU holds at the peak of a micro-batch (the start of its backward) when
 (`fully_shard` on each decoder layer, then on the root), bf16 compute over fp32 master weights
 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`), AdamW, and `batch_logps`' chunked LM head:
 - model state: fp32 weights, gradients and AdamW moments, sharded over the GPUs;
-- with gradient sync only on the last micro-batch (`set_requires_gradient_sync(micro == n_micro - 1)`, what
-  common.train_step does): the full, unsharded fp32 gradient, held between micro-batches;
+- with gradient sync only on the last micro-batch (`--gradient_sync step`:
+  `set_requires_gradient_sync(micro == n_micro - 1)`): the full, unsharded fp32 gradient, held between micro-batches;
 - FSDP buffers: the root's bf16 parameters (embeddings, final norm, lm_head: unsharded for the whole forward and
   backward), two all-gathered bf16 decoder layers, one layer's gradient and its fp32 reduce-scatter input;
 - activations saved for backward: bf16 Qwen2 decoder layers as transformers 5 runs them with SDPA, or with
@@ -75,7 +75,7 @@ class Run:
     chunk_size: int = 256  # c: --logps_chunk_size
     completion_frac: float = 0.5  # K / n: share of positions that predict a completion token
     gradient_checkpointing: bool = False
-    sync_every_micro_batch: bool = False  # False: common.train_step's set_requires_gradient_sync(last only)
+    sync_every_micro_batch: bool = False  # False: --gradient_sync step (set_requires_gradient_sync on the last)
 
     @property
     def sequences(self) -> int:  # S: chosen and rejected rows
