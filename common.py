@@ -1333,10 +1333,13 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
 
 class StopSignal:
     """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) during training: finish the step, write a checkpoint,
-    stop. A second signal, or one before the first step, stops at once."""
+    stop. A second signal, or one before the first step, stops at once. A repeat within DUPLICATE_S seconds is the
+    same request: SLURM and a terminal signal every process, and torchrun forwards the signal to its workers again."""
+
+    DUPLICATE_S = 3.0
 
     def __init__(self):
-        self.received, self.in_loop, self.previous = None, False, {}
+        self.received, self.received_at, self.in_loop, self.previous = None, 0.0, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
@@ -1349,11 +1352,13 @@ class StopSignal:
 
     def handle(self, signum, frame):
         name, rank0 = signal.Signals(signum).name, int(os.environ.get("RANK", "0")) == 0
+        if self.received is not None and time.monotonic() - self.received_at < self.DUPLICATE_S:
+            return
         if self.received is not None or not self.in_loop:
             if rank0:
                 print(f"[minpo] {name}: stopped at once; --resume continues from the last checkpoint", file=sys.stderr)
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self.received_at = signum, time.monotonic()
         if rank0:
             print(
                 f"[minpo] {name}: finishing this step, then writing a checkpoint (again: stop at once)", file=sys.stderr
@@ -1402,10 +1407,7 @@ def plan_start(output_dir: Path, args: TrainArgs, method: str) -> tuple[str, lis
                 f"{output_dir} already holds a checkpoint: pass --resume to continue it, or pick another --output_dir"
             )
         if finished:
-            raise InputError(
-                f"{output_dir} holds a finished run ({saved['completed_steps']} steps): pick another --output_dir, "
-                "or delete it to train again"
-            )
+            log(f"warning: {output_dir} holds a finished run ({saved['completed_steps']} steps): training it again")
         write_json(output_dir / "args.json", run_record(args, method))
         return "fresh", []
     if not isinstance(saved, dict):

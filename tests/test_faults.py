@@ -134,7 +134,7 @@ def test_old_half_deleted_folders_from_earlier_versions_do_not_block(straight, t
     assert_same_weights(folder, straight / "straight")
 
 
-def test_killed_while_the_finished_run_deletes_its_checkpoint(straight, tmp_path, monkeypatch):
+def test_killed_while_the_finished_run_deletes_its_checkpoint(straight, tmp_path, monkeypatch, capsys):
     """After the model is saved the run is complete: --resume says so, cleans up and changes nothing."""
     kill_at(monkeypatch, (shutil, "rmtree"), "checkpoint.deleting", 1, delete_some)
     with pytest.raises(Killed):
@@ -146,8 +146,10 @@ def test_killed_while_the_finished_run_deletes_its_checkpoint(straight, tmp_path
     assert result == metrics(folder)[-1] and result["step"] == 4
     assert folder_state(folder) == []
     assert_same_weights(folder, straight / "straight")
-    with pytest.raises(common.InputError, match="holds a finished run .4 steps.: pick another --output_dir"):
-        run(straight, tmp_path.name)
+    capsys.readouterr()
+    run(straight, tmp_path.name)  # the same command without --resume trains it again, and says so
+    assert "holds a finished run (4 steps): training it again" in capsys.readouterr().out
+    assert_same_weights(folder, straight / "straight")
 
 
 def test_resume_flag_with_nothing_saved_yet_starts_over(straight, tmp_path, monkeypatch):
@@ -296,9 +298,13 @@ def test_damaged_reference_cache_is_computed_again(straight, tmp_path, capsys, d
 # ---- signals ----
 
 
+def launch_args(tmp_path, name, extra=()):
+    command = ["dpo.py", "--model", "tiny", "--output_dir", str(tmp_path / name)]
+    return command + ["--ref_cache_dir", str(tmp_path / "refs"), *FLAGS, "--save_steps", "0", *extra]
+
+
 def launch(tmp_path, name, extra=()):
-    command = [sys.executable, "dpo.py", "--model", "tiny", "--output_dir", str(tmp_path / name)]
-    command += ["--ref_cache_dir", str(tmp_path / "refs"), *FLAGS, "--save_steps", "0", *extra]
+    command = [sys.executable, *launch_args(tmp_path, name, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         command, cwd=common.REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -333,10 +339,11 @@ def test_sigterm_checkpoints_the_step_and_resume_is_bit_identical(tmp_path):
 
 
 def test_second_signal_stops_at_once(tmp_path):
-    process = launch(tmp_path, "run", ["--max_train_samples", "512"])
+    long_steps = ["--max_train_samples", "1024", "--global_batch_size", "1024", "--num_epochs", "3"]  # ~10 s each
+    process = launch(tmp_path, "run", long_steps)
     wait_for_step(tmp_path / "run", 1, process)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # two signals sent together arrive as one
+    time.sleep(common.StopSignal.DUPLICATE_S + 0.5)  # sooner, it is taken for the same request delivered twice
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT
@@ -413,3 +420,33 @@ def test_read_only_output_dir_fails_before_any_work(tmp_path, monkeypatch):
             run(tmp_path, "ro/run")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_sigterm_to_torchrun_and_its_workers_stops_gracefully(tmp_path):
+    """SLURM's preemption and a terminal's Ctrl-C signal every process of the job: each worker gets the signal from
+    the system and again from torchrun. The workers still finish the step, checkpoint, and resume bit-identical."""
+    straight = launch(tmp_path, "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += launch_args(tmp_path, "stopped")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command,
+        cwd=common.REPO_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_step(tmp_path / "stopped", 1, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert "dpo: stopped: SIGTERM: stopped after step" in err
+    assert (tmp_path / "stopped" / "checkpoint" / "manifest.json").is_file()
+    resumed = subprocess.run([*command, "--resume"], cwd=common.REPO_DIR, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, value in load_file(tmp_path / "straight" / "model.safetensors").items():
+        torch.testing.assert_close(
+            load_file(tmp_path / "stopped" / "model.safetensors")[name], value, rtol=0, atol=1e-5
+        )
