@@ -6,8 +6,7 @@ Meng, Xia, Chen (2024), arXiv:2405.14734
 Eq. 6 of the paper, as princeton-nlp/SimPO's simpo_loss. Compared with dpo.py:
 1. no reference model: the reward is the policy's own log-prob,
 2. averaged over completion tokens, not summed,
-3. a target margin γ = gamma_beta_ratio · β, set as a ratio as in the authors' code; the default
-   0.1 x 2.5 = 0.25 is the SimPO README's Mistral-7B-Instruct row.
+3. a target margin γ, set as a ratio of β as in the authors' code (γ itself is the margin: 0.1 x 2.5 = 0.25).
 
     python simpo.py --model tiny --data tiny
     torchrun --nproc_per_node 8 simpo.py --beta 2.5
