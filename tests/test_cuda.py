@@ -45,11 +45,14 @@ def test_saved_folder_is_bf16_and_loads(bf16_run):
     for path in folder.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
             assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    # eval.py and vLLM load with dtype "auto": config.json must name the weights' dtype, not the fp32 master weights'
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").cuda()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    ids = torch.tensor([prompt], device="cuda")
+    messages = [{"role": "user", "content": "hi"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    ids = ids["input_ids"].cuda()
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
