@@ -9,13 +9,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import os
+import platform
 import random
 import resource
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -136,6 +139,9 @@ class TrainArgs:
     checkpoint metadata is a pickle)"""
     ref_cache_dir: str = "~/.cache/minpo/ref_logps"
     """where reference log-probs are cached, shared by every method"""
+    report_to: tuple[Literal["tensorboard", "wandb", "trackio"], ...] = ()
+    """also send every metrics.jsonl record to these trackers (output_dir/tensorboard; wandb and trackio project
+    'minpo'); none by default, and none is a requirement"""
 
 
 # The embedded tiny run: a random model learns the tiny task in about 30 seconds on 2 CPU cores.
@@ -162,6 +168,7 @@ RESUME_MAY_CHANGE = {
     "eval_steps",
     "save_steps",
     "ref_cache_dir",
+    "report_to",
 }
 
 
@@ -345,9 +352,9 @@ def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
 class Example(NamedTuple):
     """One preference pair, checked once right after reading, with the file row it came from."""
 
-    prompt: list[dict]  # the conversation before the reply: [{role, content}, ...]
-    chosen: str  # the assistant reply
-    rejected: str
+    prompt: list[dict]  # the conversation before the replies: [{role, content}, ...]
+    chosen: list[dict]  # the chosen completion: the assistant turn(s) that follow the prompt
+    rejected: list[dict]
     where: str  # "file: row n", for every later message about this pair
     scores: tuple  # (score_chosen, score_rejected) as given; only --select_frac reads them
 
@@ -385,52 +392,120 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     raise InputError(f"{path}: unknown data file type {path.suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def _reply(value, where: str) -> tuple[list[dict] | None, str]:
-    """A chosen/rejected value -> (prompt messages before the reply or None, reply text)."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise InputError(f"{where}: empty reply")
-        return None, value
+# The preference formats TRL reads, decided once per file by its first row (the UltraFeedback-binarized schema is the
+# first): each row then must be in it, or an error names the file, row and field.
+FORMATS = {
+    "prompt string": "'prompt' a string; 'chosen' and 'rejected' strings or conversations ending with the reply",
+    "conversational": "'prompt' a list of messages; 'chosen' and 'rejected' the assistant turn(s) that follow it",
+    "implicit prompt": "no 'prompt'; 'chosen' and 'rejected' whole conversations whose shared start is the prompt",
+}
+
+
+def row_format(row) -> str:
+    if not isinstance(row, dict) or "prompt" not in row:
+        return "implicit prompt"
+    return "conversational" if isinstance(row["prompt"], list) else "prompt string"
+
+
+def _messages(value, where: str) -> list[dict]:
+    """A non-empty list of {role, content} messages, checked, as plain dicts."""
     if not isinstance(value, list) or not value:
-        raise InputError(f"{where}: expected a non-empty string or list of {{role, content}} messages")
+        raise InputError(f"{where}: expected a non-empty list of {{role, content}} messages")
     for k, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InputError(f"{where}: message {k} needs a string 'role'")
         if not isinstance(message.get("content"), str):
             raise InputError(f"{where}: message {k} needs a string 'content'")
-    if value[-1]["role"] != "assistant":
-        raise InputError(f"{where}: the last message must be the assistant reply, got role '{value[-1]['role']}'")
-    if not value[-1]["content"].strip():
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _completion(messages: list[dict], where: str) -> list[dict]:
+    """The assistant turn(s) after the prompt: they start and end with an assistant message that says something."""
+    if messages[0]["role"] != "assistant" or messages[-1]["role"] != "assistant":
+        role = messages[-1]["role"] if messages[0]["role"] == "assistant" else messages[0]["role"]
+        raise InputError(f"{where}: the reply must start and end with an assistant message, found role '{role}'")
+    if not messages[-1]["content"].strip():
         raise InputError(f"{where}: empty assistant reply")
-    return [{"role": m["role"], "content": m["content"]} for m in value[:-1]], value[-1]["content"]
+    return messages
 
 
-def parse_row(row, where: str) -> Example:
-    """One data row -> an Example, or an error naming file, row and field."""
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: expected an object with prompt, chosen, rejected")
-    for field in ("prompt", "chosen", "rejected"):
-        if row.get(field) is None:
-            raise InputError(f"{where}: field '{field}' is missing")
+def _reply(value, where: str) -> tuple[list[dict] | None, list[dict]]:
+    """A chosen/rejected value in the prompt-string format -> (messages before the reply or None, [the reply])."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError(f"{where}: empty reply")
+        return None, [{"role": "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: expected a non-empty string or list of {{role, content}} messages")
+    messages = _messages(value, where)
+    if messages[-1]["role"] != "assistant":
+        raise InputError(f"{where}: the last message must be the assistant reply, got role '{messages[-1]['role']}'")
+    return messages[:-1], _completion(messages[-1:], where)
+
+
+def _prompt_string_row(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """UltraFeedback-binarized's format: the conversations in chosen/rejected win over the 'prompt' string."""
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        raise InputError(f"{where}: field 'prompt' must be a non-empty string")
+        raise InputError(f"{where}: field 'prompt' must be a non-empty string, as in the file's first row")
     chosen_prefix, chosen = _reply(row["chosen"], f"{where}: field 'chosen'")
     rejected_prefix, rejected = _reply(row["rejected"], f"{where}: field 'rejected'")
     if chosen_prefix and rejected_prefix is not None and chosen_prefix != rejected_prefix:
         raise InputError(f"{where}: fields 'chosen' and 'rejected' start from different conversations")
-    prompt = chosen_prefix or rejected_prefix or [{"role": "user", "content": row["prompt"]}]
+    return chosen_prefix or rejected_prefix or [{"role": "user", "content": row["prompt"]}], chosen, rejected
+
+
+def _conversational_row(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    prompt = _messages(row["prompt"], f"{where}: field 'prompt'")
+    replies = [_completion(_messages(row[f], f"{where}: field '{f}'"), f"{where}: field '{f}'") for f in FIELDS]
+    return prompt, *replies
+
+
+def _implicit_row(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit prompt: the messages chosen and rejected start with."""
+    if "prompt" in row:
+        raise InputError(f"{where}: field 'prompt' is here, but the file's first row has none (implicit prompt)")
+    chosen, rejected = (_messages(row[f], f"{where}: field '{f}'") for f in FIELDS)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise InputError(f"{where}: fields 'chosen' and 'rejected' start from different conversations")
+    if shared == min(len(chosen), len(rejected)):
+        raise InputError(f"{where}: fields 'chosen' and 'rejected' do not differ after their shared start")
+    if chosen[shared]["role"] != "assistant" or rejected[shared]["role"] != "assistant":
+        raise InputError(f"{where}: fields 'chosen' and 'rejected' part before the assistant's reply")
+    replies = [_completion(m[shared:], f"{where}: field '{f}'") for m, f in zip((chosen, rejected), FIELDS)]
+    return chosen[:shared], *replies
+
+
+FIELDS = ("chosen", "rejected")
+PARSERS = {"prompt string": _prompt_string_row, "conversational": _conversational_row, "implicit prompt": _implicit_row}
+
+
+def parse_row(row, where: str, fmt: str = "prompt string") -> Example:
+    """One data row in its file's format -> an Example, or an error naming file, row and field."""
+    fields = FIELDS if fmt == "implicit prompt" else ("prompt", *FIELDS)
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object with {', '.join(fields)}")
+    for field in fields:
+        if row.get(field) is None:
+            raise InputError(f"{where}: field '{field}' is missing")
+    prompt, chosen, rejected = PARSERS[fmt](row, where)
     return Example(prompt, chosen, rejected, where, (row.get("score_chosen"), row.get("score_rejected")))
 
 
 def parse_rows(rows: list[tuple[int, dict]], source: str) -> list[Example]:
-    """Every row checked once; a warning when the 'prompt' field is not what the messages say (they win)."""
+    """Every row checked once, in the format of the file's first row; a warning when the 'prompt' field is not what
+    the messages say (they win)."""
     if not rows:
         raise InputError(f"{source}: no rows")
-    examples = [parse_row(row, f"{source}: row {row_no}") for row_no, row in rows]
+    fmt = row_format(rows[0][1])
+    examples = [parse_row(row, f"{source}: row {row_no}", fmt) for row_no, row in rows]
     ignored = sum(
         isinstance(row.get("chosen"), list)
         and row["prompt"] not in [m["content"] for m in ex.prompt if m["role"] == "user"]
         for (_, row), ex in zip(rows, examples)
+        if fmt == "prompt string"
     )
     if ignored:
         log(
@@ -490,7 +565,7 @@ def held_out_in_training(train: list[Example], test: list[Example]) -> int:
     """Held-out pairs that also sit in the training data (same prompt and the same two replies, either way round)."""
 
     def key(ex: Example):
-        return json.dumps(ex.prompt), frozenset((ex.chosen, ex.rejected))
+        return json.dumps(ex.prompt), frozenset((json.dumps(ex.chosen), json.dumps(ex.rejected)))
 
     seen = {key(ex) for ex in train}
     return sum(key(ex) in seen for ex in test)
@@ -557,12 +632,8 @@ def tokenize_pairs(
         try:
             texts += [
                 tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True),
-                tokenizer.apply_chat_template(
-                    ex.prompt + [{"role": "assistant", "content": ex.chosen}], tokenize=False
-                ),
-                tokenizer.apply_chat_template(
-                    ex.prompt + [{"role": "assistant", "content": ex.rejected}], tokenize=False
-                ),
+                tokenizer.apply_chat_template(ex.prompt + ex.chosen, tokenize=False),
+                tokenizer.apply_chat_template(ex.prompt + ex.rejected, tokenize=False),
             ]
         except Exception as e:  # the template's own check, e.g. Gemma-2's "System role not supported"
             raise InputError(f"{ex.where}: the chat template refused this conversation: {first_line(e)}") from None
@@ -855,6 +926,55 @@ def write_json(path: Path, value) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_trackers(names) -> None:
+    """Before any work: a tracker whose package is missing is one line saying what to install."""
+    for name in names:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise InputError(f"--report_to {name} needs the {name} package: pip install {TRACKER_PACKAGES[name]}")
+
+
+class Trackers:
+    """--report_to: rank 0 sends each record of metrics.jsonl, as it is written, to every tracker asked for.
+    metrics.jsonl stays the source of truth; a resumed run continues the same tracker run (TensorBoard drops the
+    steps after the checkpoint, which are logged again)."""
+
+    def __init__(self, names, output_dir: Path, record: dict, start_step: int):
+        self.log_fns, self.close_fns = [], []
+        if dist.get_rank() != 0:
+            return
+        name = f"{output_dir.name}-{record['run_id']}"
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.log_fns.append(lambda step, values: [writer.add_scalar(k, v, step) for k, v in values.items()])
+            self.close_fns.append(writer.close)
+        if "wandb" in names:
+            import wandb
+
+            run = wandb.init(project="minpo", name=name, id=record["run_id"], resume="allow", config=record)
+            self.log_fns.append(lambda step, values: run.log(values, step=step))
+            self.close_fns.append(run.finish)
+        if "trackio" in names:
+            import trackio
+
+            trackio.init(project="minpo", name=name, config=record, resume="allow")
+            self.log_fns.append(lambda step, values: trackio.log(values, step=step))
+            self.close_fns.append(trackio.finish)
+
+    def log(self, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k != "step"}
+        for log_fn in self.log_fns:
+            log_fn(record["step"], values)
+
+    def close(self) -> None:
+        for close_fn in self.close_fns:
+            close_fn()
 
 
 def changed_flag(saved: dict, args: TrainArgs, method: str) -> str | None:
@@ -1326,6 +1446,7 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
     optimizer.zero_grad(set_to_none=True)
     return record | {
         "lr": lr,
+        "tokens": int(totals[7]),
         "tokens/s": totals[7] / (time.perf_counter() - started),
         "peak_memory_gb": peak_memory_gb(device),
     }
@@ -1376,6 +1497,7 @@ def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_sta
     try:
         with StopSignal() as stop:
             check_args(args, world)
+            check_trackers(args.report_to)
             output_dir = Path(args.output_dir or f"ckpt/{method}")
             lock, token = on_rank0(claim_output_dir, output_dir)
             check_same_folder(output_dir, token)
@@ -1391,8 +1513,23 @@ def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_sta
 
 
 def run_record(args: TrainArgs, method: str, **more) -> dict:
-    """args.json: the run's flags and method, then what the run adds (train_rows, completed_steps)."""
+    """args.json: the run's flags and method, then what the run adds (RUN_KEYS)."""
     return asdict(args) | {"method": method} | more
+
+
+RUN_KEYS = ("method", "run_id", "command", "paper", "train_rows", "held_out_pairs", "completed_steps", "hardware")
+
+
+def command(method: str) -> str:
+    """The command that started the run, as one would type it again (torchrun's flags rebuilt from its environment)."""
+    if Path(sys.argv[0]).stem != method:  # called from Python (tests, benchmarks): there is no command line
+        return f"{method}.py, called from Python"
+    line = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return line
+    nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+    launcher = f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {os.environ['LOCAL_WORLD_SIZE']}"
+    return line.replace("python", launcher, 1)
 
 
 def plan_start(output_dir: Path, args: TrainArgs, method: str) -> tuple[str, list[Path]]:
@@ -1408,7 +1545,9 @@ def plan_start(output_dir: Path, args: TrainArgs, method: str) -> tuple[str, lis
             )
         if finished:
             log(f"warning: {output_dir} holds a finished run ({saved['completed_steps']} steps): training it again")
-        write_json(output_dir / "args.json", run_record(args, method))
+        write_json(
+            output_dir / "args.json", run_record(args, method, run_id=secrets.token_hex(4), command=command(method))
+        )
         return "fresh", []
     if not isinstance(saved, dict):
         raise InputError(f"--resume: no checkpoint in {output_dir}; run without --resume to start fresh")
@@ -1445,6 +1584,7 @@ def prepare_data(args: TrainArgs, tokenizer) -> tuple[list[Pair], list[Pair], di
     test_pairs, test_empty = tokenize_pairs(test_rows, tokenizer, args.max_length, args.max_prompt_length)
     if train_empty or test_empty:
         log(f"dropped {train_empty} training and {test_empty} held-out pairs left with no completion after truncation")
+        counts["dropped"] = train_empty
     if len(train_pairs) < args.global_batch_size:
         raise InputError(
             f"{train_source}: {len(train_pairs)} usable pairs, fewer than one "
@@ -1461,7 +1601,10 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_pairs, test_pairs, train_counts = prepare_data(args, tokenizer)
-    record = run_record(args, method, train_rows=train_counts)  # args.json
+    started = read_json(output_dir / "args.json") or {}  # as plan_start wrote it when the run began
+    paper = "; ".join((sys.modules[loss_fn.__module__].__doc__ or method).strip().splitlines()[:2])
+    record = run_record(args, method, **{k: started.get(k) for k in ("run_id", "command")}, paper=paper)
+    record |= {"train_rows": train_counts, "held_out_pairs": len(test_pairs)}  # args.json
     if not checkpoints:
         on_rank0(write_json, output_dir / "args.json", record)
 
@@ -1481,10 +1624,13 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
     kept = read_metrics(metrics_file, start_step) if start_step else []
     on_rank0(metrics_file.write_text, "".join(line + "\n" for line in kept))
 
-    def write_metrics(record):
+    trackers = Trackers(args.report_to, output_dir, record, start_step)
+
+    def write_metrics(result):
         if rank == 0:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+                f.write(json.dumps(result, allow_nan=False) + "\n")
+            trackers.log(result)
 
     accumulation = args.global_batch_size // world // args.micro_batch_size
     log(
@@ -1537,7 +1683,12 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
         save_model(output_dir, policy, tokenizer, save_dtype)
     except StepFailed as e:
         raise RunStopped(f"step {step + 1}: {e}. {after_failure(e, step + 1, args, last_saved)}") from None
-    on_rank0(finish_run, output_dir, record | {"completed_steps": total_steps})
+    finally:
+        trackers.close()
+    hardware = (
+        f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine() + ' CPU'}"
+    )
+    on_rank0(finish_run, output_dir, record | {"completed_steps": total_steps, "hardware": hardware})
     if "eval/reward_accuracy" in result:
         start = f"{first_accuracy:.3f} -> " if first_accuracy is not None else ""
         log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")
@@ -1559,10 +1710,54 @@ def after_failure(error: StepFailed, step: int, args: TrainArgs, last_saved: int
 
 
 def finish_run(output_dir: Path, record: dict) -> None:
-    """Rank 0, after the model is saved: mark the run complete, then drop its checkpoints."""
+    """Rank 0, after the model is saved: mark the run complete, write its model card, drop its checkpoints."""
     write_json(output_dir / "args.json", record)
+    (output_dir / "README.md").write_text(model_card(output_dir))
     remove(output_dir / CHECKPOINT)
     remove(output_dir / OLD)
+
+
+def model_card(output_dir: Path) -> str:
+    """The folder's README.md, as a person or the hub shows it, made from args.json and metrics.jsonl alone."""
+    run = read_json(output_dir / "args.json")
+    records = [json.loads(line) for line in read_metrics(output_dir / "metrics.jsonl", math.inf)]
+    folder = run["output_dir"] or f"ckpt/{run['method']}"  # as the command named it
+    steps, evals = [r for r in records if "loss" in r], [r for r in records if "eval/reward_accuracy" in r]
+    tokens = sum(r["tokens"] for r in steps)
+    seconds = sum(r["tokens"] / r["tokens/s"] for r in steps)
+    on_hub = run["model"] != "tiny" and not Path(run["model"]).expanduser().exists()
+    header = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- minpo",
+        f"- {run['method']}",
+        "- preference-optimization",
+    ]
+    header += [f"base_model: {run['model']}"] if on_hub else []
+    header += ["datasets:", f"- {run['data']}"] if "/" in run["data"] and not Path(run["data"]).exists() else []
+    rows = run["train_rows"]
+    data = f"{rows['loaded']} training pairs read from `{run['data']}`"
+    data += f", {rows['kept']} kept by `--select_frac`" if "kept" in rows else ""
+    data += f", {rows['flipped']} with chosen and rejected swapped by `--flip_frac`" if "flipped" in rows else ""
+    data += f", {rows['dropped']} dropped (no completion left after truncation)" if "dropped" in rows else ""
+    held_out = [
+        "| held-out | " + " | ".join(f"step {r['step']}" for r in (evals[0], evals[-1])) + " |",
+        "|---|---:|---:|",
+    ]
+    for key in ("reward_accuracy", "loss", "margin"):
+        held_out.append(f"| {key.replace('_', ' ')} | {evals[0]['eval/' + key]:.4f} | {evals[-1]['eval/' + key]:.4f} |")
+    flags = [f"| `--{k}` | `{v}` |" for k, v in run.items() if k not in RUN_KEYS]
+    return "\n".join(
+        [*header, "---", "", f"# {Path(folder).name}", ""]
+        + [f"`{run['model']}` trained with minpo's `{run['method']}.py`: {run['paper']}", "", "```bash"]
+        + [run["command"], "```", "", *(held_out if evals else ["No held-out pairs."]), ""]
+        + [f"{len(steps)} optimizer steps of {run['global_batch_size']} pairs ({run['num_epochs']} epochs), "]
+        + [f"{tokens:,} tokens in {seconds:.0f} s of training steps, on {run['hardware']}.", "", "## Data", ""]
+        + [f"{data}; {run['held_out_pairs']} held-out pairs.", "", "## Hyper-parameters", ""]
+        + ["| flag | value |", "|---|---|", *flags, "", "## Score it on AlpacaEval 2", "", "```bash"]
+        + [f"python eval.py {folder}", "```", ""]
+    )
 
 
 def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=None) -> None:

@@ -334,7 +334,7 @@ def wrong_case_words(pair: common.Example, field: str) -> int:
     from data.tiny.make_tiny import ASK
 
     case = next(case for case, asks in ASK.items() if pair.prompt[-1]["content"].startswith(tuple(asks)))
-    return sum(word.isupper() != (case == "upper") for word in getattr(pair, field).split())
+    return sum(word.isupper() != (case == "upper") for word in getattr(pair, field)[-1]["content"].split())
 
 
 def test_tiny_scores_make_large_gaps_cleaner():
