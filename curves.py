@@ -1,0 +1,159 @@
+"""Training curves side by side: several runs' metrics.jsonl in one figure, one line per run.
+
+Nine panels against the optimizer step: loss, reward margin, reward accuracy, chosen and rejected log-probs,
+held-out reward accuracy and margin, learning rate and gradient norm. The per-step training metrics are smoothed
+by a trailing moving average over --smooth steps; the learning rate and the held-out points (step 0, every
+eval_steps, the last step) are drawn as logged. A run is labelled by its folder's name, with the method from its
+args.json when the name does not already say it. A run that lacks a metric (no held-out pairs, say) is left out
+of that panel only.
+
+    python curves.py ckpt/dpo ckpt/simpo ckpt/gammapo                 # writes curves.png
+    python curves.py ckpt/* --output docs/curves.png --smooth 1        # every run, no smoothing
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from common import InputError
+
+# (metric key, panel title, smoothed?). Held-out metrics are logged every --eval_steps only: markers, not smoothed.
+PANELS = (
+    ("loss", "training loss", True),
+    ("rewards/margin", "reward margin (chosen − rejected)", True),
+    ("rewards/accuracy", "reward accuracy (training batch)", True),
+    ("logps/chosen", "log-prob of chosen reply (summed)", True),
+    ("logps/rejected", "log-prob of rejected reply (summed)", True),
+    ("eval/reward_accuracy", "held-out reward accuracy", False),
+    ("eval/margin", "held-out reward margin", False),
+    ("lr", "learning rate", False),
+    ("grad_norm", "gradient norm (before clipping)", True),
+)
+
+
+@dataclass
+class CurvesArgs:
+    folders: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="FOLDER [FOLDER ...]")]
+    """training runs' --output_dir folders, each with a metrics.jsonl"""
+    output: str = "curves.png"
+    """where the PNG goes"""
+    smooth: int = 5
+    """moving average over this many steps for the per-step training metrics (1: as logged)"""
+
+
+@dataclass
+class Run:
+    label: str
+    records: list[dict]
+
+
+def read_json(path: Path, line_no: int, text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        where = f"line {line_no} of {path}" if line_no else str(path)
+        raise InputError(f"{where} is not valid JSON; fix or delete it, then rerun") from None
+
+
+def load_run(folder: Path) -> Run:
+    metrics_file = folder / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise InputError(f"{folder} has no metrics.jsonl: give training runs' --output_dir folders")
+    try:
+        lines = metrics_file.read_text().splitlines()
+        args_text = (folder / "args.json").read_text() if (folder / "args.json").is_file() else "{}"
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder} cannot be read ({e})") from None
+    records = [read_json(metrics_file, n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not all(isinstance(r, dict) and "step" in r for r in records):
+        raise InputError(f"{metrics_file} has a line that is not a metrics record (a JSON object with a step)")
+    if not any(r["step"] > 0 for r in records):
+        raise InputError(f"{metrics_file} has no training steps yet")
+    saved = read_json(folder / "args.json", 0, args_text)
+    method = saved.get("method", "") if isinstance(saved, dict) else ""
+    label = folder.resolve().name
+    return Run(label if method in label else f"{label} ({method})", records)
+
+
+def load_runs(folders: list[Path]) -> list[Run]:
+    runs = [load_run(folder) for folder in folders]
+    if len({run.label for run in runs}) < len(runs):  # e.g. a/dpo and b/dpo: the paths as given tell them apart
+        for run, folder in zip(runs, folders):
+            run.label = str(folder) + run.label.removeprefix(folder.resolve().name)
+    return runs
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values; the first points average what exists so far."""
+    smoothed = []
+    for i in range(len(values)):
+        recent = values[max(0, i + 1 - window) : i + 1]
+        smoothed.append(sum(recent) / len(recent))
+    return smoothed
+
+
+def series(run: Run, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def plot(runs: list[Run], output: Path, smooth: int):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: the figure only goes to a file
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    figure, axes = plt.subplots(3, 3, figsize=(12, 8), dpi=100, sharex=True)
+    for ax, (key, title, smoothed) in zip(axes.flat, PANELS):
+        for k, run in enumerate(runs):
+            steps, values = series(run, key)
+            if not steps:
+                continue
+            if smoothed:
+                ax.plot(steps, moving_average(values, smooth), color=f"C{k}", linewidth=1.2)
+            else:
+                ax.plot(steps, values, color=f"C{k}", linewidth=0.8, marker="o" if key.startswith("eval/") else "")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=9)
+    axes.flat[7].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # learning rates like 1e-3 or 5e-7
+    handles = [Line2D([], [], color=f"C{k}", label=run.label) for k, run in enumerate(runs)]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(runs), 8), fontsize=9, frameon=False)
+    smoothing = f"per-step training metrics: moving average over {smooth} steps" if smooth > 1 else "as logged"
+    figure.suptitle(f"Training curves ({smoothing}; held-out: markers)", fontsize=12)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom strip to the legend
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output)
+    plt.close(figure)
+    return figure
+
+
+def curves(args: CurvesArgs):
+    if not args.folders:
+        raise InputError("give at least one training run's folder, e.g. python curves.py ckpt/dpo ckpt/simpo")
+    if args.smooth < 1:
+        raise InputError(f"--smooth must be at least 1 (1: no smoothing), got {args.smooth}")
+    if not args.output.endswith(".png"):
+        raise InputError(f"--output {args.output} must end in .png")
+    return plot(load_runs([Path(folder) for folder in args.folders]), Path(args.output), args.smooth)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(CurvesArgs, args=argv, use_underscores=True, description=__doc__)
+    try:
+        curves(args)
+    except InputError as e:
+        print(f"curves: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"curves: {args.output}")
+
+
+if __name__ == "__main__":
+    main()
