@@ -11,6 +11,7 @@ of that panel only.
     python curves.py ckpt/* --output docs/curves.png --smooth 1        # every run, no smoothing
 """
 
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from common import InputError
 
 # (metric key, panel title, smoothed?). Held-out metrics are logged every --eval_steps only: markers, not smoothed.
 PANELS = (
-    ("loss", "training loss", True),
+    ("loss", "training loss (log scale above 1)", True),
     ("rewards/margin", "reward margin (chosen − rejected)", True),
     ("rewards/accuracy", "reward accuracy (training batch)", True),
     ("logps/chosen", "log-prob of chosen reply (summed)", True),
@@ -31,8 +32,11 @@ PANELS = (
     ("eval/reward_accuracy", "held-out reward accuracy", False),
     ("eval/margin", "held-out reward margin", False),
     ("lr", "learning rate", False),
-    ("grad_norm", "gradient norm (before clipping)", True),
+    ("grad_norm", "gradient norm before clipping (log above 1)", True),
 )
+# Losses differ in kind (IPO's is squared) and can run 10-100x the others, and so do their gradient norms: symlog keeps
+# values up to 1 linear and readable next to them, and draws a zero (a hinge loss met), which a log scale would drop.
+SYMLOG = ("loss", "grad_norm")
 
 
 @dataclass
@@ -101,37 +105,51 @@ def series(run: Run, key: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+def draw_panel(ax, runs: list[Run], key: str, title: str, smoothed: bool, smooth: int) -> None:
+    """One metric, one line per run that logged it; run k is colour Ck in every panel, as in the shared legend."""
+    held_out = key.startswith("eval/")
+    for k, run in enumerate(runs):
+        steps, values = series(run, key)
+        if steps:
+            y = moving_average(values, smooth) if smoothed else values
+            style = dict(linewidth=0.8, marker="o", markersize=3) if held_out else dict(linewidth=1.2)
+            ax.plot(steps, y, color=f"C{k}", **style)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if key in SYMLOG:
+        ax.set_yscale("symlog", linthresh=1)
+        low, high = ax.get_ylim()  # ticks 0, 0.5, 1, 3, 10, 30, ...: matplotlib's would leave 0-1 unlabelled
+        ax.set_yticks([t for t in [0, 0.5] + [m * 10**e for e in range(12) for m in (1, 3)] if low <= t <= high])
+        ax.yaxis.set_major_formatter("{x:g}")
+    if key == "lr":  # as flags write it (0.001, 5e-07); matplotlib's shared exponent would sit on the title
+        ax.yaxis.set_major_formatter("{x:g}")
+
+
 def plot(runs: list[Run], output: Path, smooth: int):
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: the figure only goes to a file
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from PIL import Image  # a matplotlib dependency
 
     figure, axes = plt.subplots(3, 3, figsize=(12, 8), dpi=100, sharex=True)
     for ax, (key, title, smoothed) in zip(axes.flat, PANELS):
-        for k, run in enumerate(runs):
-            steps, values = series(run, key)
-            if not steps:
-                continue
-            if smoothed:
-                ax.plot(steps, moving_average(values, smooth), color=f"C{k}", linewidth=1.2)
-            else:
-                ax.plot(steps, values, color=f"C{k}", linewidth=0.8, marker="o" if key.startswith("eval/") else "")
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
+        draw_panel(ax, runs, key, title, smoothed, smooth)
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=9)
-    axes.flat[7].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # learning rates like 1e-3 or 5e-7
     handles = [Line2D([], [], color=f"C{k}", label=run.label) for k, run in enumerate(runs)]
     figure.legend(handles=handles, loc="lower center", ncol=min(len(runs), 8), fontsize=9, frameon=False)
     smoothing = f"per-step training metrics: moving average over {smooth} steps" if smooth > 1 else "as logged"
     figure.suptitle(f"Training curves ({smoothing}; held-out: markers)", fontsize=12)
     figure.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom strip to the legend
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output)
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png")
     plt.close(figure)
+    # 256 colours draw flat lines and text the same and take a third of the bytes: a figure small enough for a README.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(rendered).convert("RGB").quantize(colors=256).save(output, optimize=True)
     return figure
 
 
