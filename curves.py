@@ -73,7 +73,7 @@ def load_run(folder: Path) -> Run:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{folder} cannot be read ({e})") from None
     records = [read_json(metrics_file, n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    if not all(isinstance(r, dict) and "step" in r for r in records):
+    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records):
         raise InputError(f"{metrics_file} has a line that is not a metrics record (a JSON object with a step)")
     if not any(r["step"] > 0 for r in records):
         raise InputError(f"{metrics_file} has no training steps yet")
@@ -101,19 +101,24 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def series(run: Run, key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
+    points = [(r["step"], r[key]) for r in run.records if isinstance(r.get(key), int | float)]
     return [step for step, _ in points], [value for _, value in points]
 
 
+def run_style(k: int) -> dict:
+    """Run k's colour and dash in every panel and the legend: past 10 runs the colours repeat, so the dash changes."""
+    return dict(color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])
+
+
 def draw_panel(ax, runs: list[Run], key: str, title: str, smoothed: bool, smooth: int) -> None:
-    """One metric, one line per run that logged it; run k is colour Ck in every panel, as in the shared legend."""
+    """One metric, one line per run that logged it."""
     held_out = key.startswith("eval/")
     for k, run in enumerate(runs):
         steps, values = series(run, key)
         if steps:
             y = moving_average(values, smooth) if smoothed else values
             style = dict(linewidth=0.8, marker="o", markersize=3) if held_out else dict(linewidth=1.2)
-            ax.plot(steps, y, color=f"C{k}", **style)
+            ax.plot(steps, y, **run_style(k), **style)
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
@@ -131,6 +136,7 @@ def plot(runs: list[Run], output: Path, smooth: int):
 
     matplotlib.use("Agg")  # no display needed: the figure only goes to a file
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
     from matplotlib.lines import Line2D
     from PIL import Image  # a matplotlib dependency
 
@@ -139,17 +145,24 @@ def plot(runs: list[Run], output: Path, smooth: int):
         draw_panel(ax, runs, key, title, smoothed, smooth)
     for ax in axes[-1]:
         ax.set_xlabel("step", fontsize=9)
-    handles = [Line2D([], [], color=f"C{k}", label=run.label) for k, run in enumerate(runs)]
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(runs), 8), fontsize=9, frameon=False)
+    handles = [Line2D([], [], **run_style(k), label=run.label) for k, run in enumerate(runs)]
+    # As many columns as a 12-inch row holds: about 160 characters of 9-point text, 6 of them for each line sample.
+    columns = max(1, min(len(runs), 160 // (max(len(run.label) for run in runs) + 6)))
+    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9, frameon=False)
     smoothing = f"per-step training metrics: moving average over {smooth} steps" if smooth > 1 else "as logged"
     figure.suptitle(f"Training curves ({smoothing}; held-out: markers)", fontsize=12)
-    figure.tight_layout(rect=(0, 0.05, 1, 1))  # leave the bottom strip to the legend
+    legend_rows = -(-len(runs) // columns)
+    figure.tight_layout(rect=(0, 0.015 + 0.035 * legend_rows, 1, 1))  # leave the bottom strip to the legend
     rendered = io.BytesIO()
     figure.savefig(rendered, format="png")
     plt.close(figure)
-    # 256 colours draw flat lines and text the same and take a third of the bytes: a figure small enough for a README.
+    # 256 colours draw lines and text the same in a third of the bytes (small enough for a README), unless the palette
+    # lost a run's colour (its line hidden under others'), which would make the legend lie: then all colours are kept.
+    small = Image.open(rendered).convert("RGB").quantize(colors=256)
+    kept = {colour for _, colour in small.convert("RGB").getcolors(256)}
+    wanted = {tuple(round(255 * c) for c in to_rgb(run_style(k)["color"])) for k in range(len(runs))}
     output.parent.mkdir(parents=True, exist_ok=True)
-    Image.open(rendered).convert("RGB").quantize(colors=256).save(output, optimize=True)
+    (small if wanted <= kept else Image.open(rendered)).save(output, optimize=True)
     return figure
 
 

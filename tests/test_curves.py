@@ -6,6 +6,7 @@ import json
 
 import matplotlib.colors
 import matplotlib.image
+import PIL.Image
 import pytest
 
 import curves
@@ -14,13 +15,19 @@ STEPS = 12
 EVAL_STEPS = 4
 
 
-def write_run(folder, method="dpo", held_out=True, steps=STEPS):
-    """A run's metrics.jsonl: the loss alternates 1, 3, 1, 3, ... so a 2-step average is 1 then 2 throughout."""
+def write_run(folder, method="dpo", held_out=True, steps=STEPS, shift=0.0):
+    """A run's metrics.jsonl: the loss alternates 1, 3, 1, 3, ... so a 2-step average is 1 then 2 throughout; shift
+    moves the log-probs, so that runs drawn together do not hide one another everywhere."""
     folder.mkdir(parents=True)
     records = [{"step": 0, "eval/reward_accuracy": 0.5, "eval/loss": 0.69, "eval/margin": 0.0}] if held_out else []
     for step in range(1, steps + 1):
         record = {"step": step, "epoch": step / steps, "loss": 1.0 if step % 2 else 3.0, "rewards/margin": step * 0.1}
-        record |= {"rewards/accuracy": 0.5, "logps/chosen": -step, "logps/rejected": -2.0 * step, "grad_norm": 1.0}
+        record |= {
+            "rewards/accuracy": 0.5,
+            "logps/chosen": shift - step,
+            "logps/rejected": shift - 2.0 * step,
+            "grad_norm": 1.0,
+        }
         record |= {"rewards/chosen": 0.1, "rewards/rejected": 0.0, "lr": 1e-3 * step / steps, "tokens/s": 1.0}
         if held_out and step % EVAL_STEPS == 0:
             record |= {"eval/reward_accuracy": 0.5 + step / 100, "eval/loss": 0.6, "eval/margin": step / 10}
@@ -73,12 +80,13 @@ def test_smooth_1_draws_the_metrics_as_logged(tmp_path):
 
 
 def test_cli_writes_a_readme_sized_png(tmp_path, capsys):
-    for name in ("dpo", "ipo"):
-        write_run(tmp_path / name, name)
+    for shift, name in enumerate(("dpo", "ipo")):
+        write_run(tmp_path / name, name, shift=5 * shift)
     output = tmp_path / "out" / "curves.png"
     curves.main([str(tmp_path / "dpo"), str(tmp_path / "ipo"), "--output", str(output), "--smooth", "3"])
     assert capsys.readouterr().out.strip() == f"curves: {output}"
     assert matplotlib.image.imread(output).shape[:2] == (800, 1200)  # 12 x 8 inches at 100 dpi
+    assert PIL.Image.open(output).mode == "P"  # 256 colours: runs that can be told apart keep theirs
 
 
 def test_same_folder_names_are_told_apart_by_their_paths(tmp_path):
@@ -125,3 +133,15 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, flags, message):
         curves.main([str(tmp_path / "dpo"), *flags])
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_png_keeps_every_runs_colour(tmp_path):
+    """12 runs with the same metrics hide most lines under the last ones, and a 256-colour palette drops some of their
+    colours: the PNG must still show each run's colour exactly (in its legend sample at least)."""
+    folders = [tmp_path / f"run{k:02d}" for k in range(12)]
+    for folder in folders:
+        write_run(folder, steps=100)
+    curves.main([*map(str, folders), "--output", str(tmp_path / "c.png")])
+    pixels = PIL.Image.open(tmp_path / "c.png").convert("RGB")
+    shown = {matplotlib.colors.to_hex([c / 255 for c in colour]) for _, colour in pixels.getcolors(maxcolors=2**24)}
+    assert {matplotlib.colors.to_hex(f"C{k}") for k in range(10)} <= shown
