@@ -72,7 +72,10 @@ def load_run(folder: Path) -> Run:
         args_text = (folder / "args.json").read_text() if (folder / "args.json").is_file() else "{}"
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{folder} cannot be read ({e})") from None
-    records = [read_json(metrics_file, n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if numbered and not numbered[-1][1].endswith("}"):  # a kill while the last line was written: common.py drops it
+        numbered.pop()
+    records = [read_json(metrics_file, n, line) for n, line in numbered]
     if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records):
         raise InputError(f"{metrics_file} has a line that is not a metrics record (a JSON object with a step)")
     if not any(r["step"] > 0 for r in records):

@@ -96,6 +96,15 @@ def test_same_folder_names_are_told_apart_by_their_paths(tmp_path):
     assert [run.label for run in runs] == [str(tmp_path / "a" / "dpo"), str(tmp_path / "b" / "dpo")]
 
 
+def test_half_written_last_line_is_left_out(tmp_path):
+    """A run killed while writing a line (or still running): its complete lines are drawn, as common.py reads them."""
+    write_run(tmp_path / "dpo")
+    with (tmp_path / "dpo" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "lo')
+    (run,) = curves.load_runs([tmp_path / "dpo"])
+    assert run.records[-1]["step"] != 99
+
+
 def bad_metrics(folder, text):
     write_run(folder)
     (folder / "metrics.jsonl").write_text(text)
@@ -106,7 +115,7 @@ def bad_metrics(folder, text):
     [
         (lambda folder: None, "has no metrics.jsonl"),
         (lambda folder: folder.mkdir(), "has no metrics.jsonl"),
-        (lambda folder: bad_metrics(folder, '{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n'), "line 2 of"),
+        (lambda folder: bad_metrics(folder, '{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3}\n'), "line 2 of"),
         (lambda folder: bad_metrics(folder, '{"step": 0, "eval/reward_accuracy": 0.5}\n'), "no training steps"),
         (lambda folder: bad_metrics(folder, ""), "no training steps"),
         (lambda folder: bad_metrics(folder, '[1, 2]\n{"step": 1}\n'), "not a metrics record"),
