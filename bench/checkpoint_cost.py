@@ -23,15 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-QWEN_05B = dict(  # Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads (2 KV), MLP 4864, vocabulary 151,936, tied
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+QWEN_05B = Path(__file__).resolve().parent / "configs" / "Qwen2.5-0.5B-Instruct"  # its config.json: the shape
 
 
 def build(name: str):
@@ -40,7 +32,7 @@ def build(name: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(**QWEN_05B))
+    return Qwen2ForCausalLM(Qwen2Config.from_pretrained(QWEN_05B))
 
 
 def timed(module, name: str, seconds: dict):

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-FLAGS = ["--model", "tiny", "--max_train_samples", "512", "--max_test_samples", "32", "--num_epochs", "1"]
+FLAGS = ["--model", "tiny", "--max_train_samples", "1024", "--max_test_samples", "32", "--num_epochs", "2"]  # 64 steps
 
 
 def command(method: str, folder: Path, refs: Path, *extra: str) -> list[str]:
