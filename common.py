@@ -501,11 +501,10 @@ def parse_rows(rows: list[tuple[int, dict]], source: str) -> list[Example]:
         raise InputError(f"{source}: no rows")
     fmt = row_format(rows[0][1])
     examples = [parse_row(row, f"{source}: row {row_no}", fmt) for row_no, row in rows]
-    ignored = sum(
-        isinstance(row.get("chosen"), list)
+    ignored = fmt == "prompt string" and sum(  # only this format has both a 'prompt' and the messages
+        isinstance(row["chosen"], list)
         and row["prompt"] not in [m["content"] for m in ex.prompt if m["role"] == "user"]
         for (_, row), ex in zip(rows, examples)
-        if fmt == "prompt string"
     )
     if ignored:
         log(
@@ -928,14 +927,11 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
-
 def check_trackers(names) -> None:
     """Before any work: a tracker whose package is missing is one line saying what to install."""
     for name in names:
-        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise InputError(f"--report_to {name} needs the {name} package: pip install {TRACKER_PACKAGES[name]}")
+        if importlib.util.find_spec(name) is None:  # each tracker's package has its name
+            raise InputError(f"--report_to {name} needs the {name} package: pip install {name}")
 
 
 class Trackers:
@@ -952,7 +948,12 @@ class Trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-            self.log_fns.append(lambda step, values: [writer.add_scalar(k, v, step) for k, v in values.items()])
+
+            def add_scalars(step, values):
+                for key, value in values.items():
+                    writer.add_scalar(key, value, step)
+
+            self.log_fns.append(add_scalars)
             self.close_fns.append(writer.close)
         if "wandb" in names:
             import wandb
@@ -1144,7 +1145,7 @@ def remove(folder: Path) -> None:
 
 
 def swap_in(output_dir: Path) -> None:
-    """checkpoint.tmp (sealed) becomes checkpoint. Each step can be killed and the whole run again."""
+    """checkpoint.tmp (sealed) becomes checkpoint. Killed at any step, the whole swap can simply run again."""
     final, tmp, old = output_dir / CHECKPOINT, output_dir / TMP, output_dir / OLD
     if final.exists():
         remove(old)

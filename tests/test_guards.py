@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import common
@@ -330,13 +329,3 @@ def test_hub_cache_key_follows_the_revision(tmp_path):
         assert result.returncode == 0, result.stderr
         ids.append(result.stdout.strip())
     assert ids == [f"org/model@{'a' * 40}", f"org/model@{'b' * 40}"]
-
-
-def test_reference_free_loss_gets_no_reference(tmp_path):
-    """(unchanged contract) a loss that asks for no reference sees None, also for held-out pairs."""
-
-    def loss(lp, args):
-        assert lp.ref_chosen is None
-        return -F.logsigmoid(lp.chosen - lp.rejected), lp.chosen.detach(), lp.rejected.detach()
-
-    run(tmp_path, "free", ["--save_steps", "0"], method=simpo, loss_fn=loss)
