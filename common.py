@@ -1378,16 +1378,29 @@ def correct(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
-def evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device) -> dict:
-    """Held-out reward accuracy: the share of pairs whose chosen reward beats the rejected one."""
+def evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference) -> dict:
+    """Held-out metrics. The method's own, by its reward (what TRL logs): reward accuracy, loss, margin. Then the
+    same for every method, from π_0 = the initial model ([N, 2] held-out log-probs): accuracy by log π/π_0 summed
+    over the reply, accuracy by mean log-prob per token, and the mean log-prob per token of the chosen and rejected
+    replies with its change since step 0."""
     out = _shard_logps(policy, test_pairs, 2 * args.micro_batch_size, pad_id, device, "held-out")
-    lp = pair_logps(torch.cat([out[:, 0], out[:, 1]]), torch.cat([out[:, 2], out[:, 3]]), test_ref)
+    chosen, rejected, chosen_len, rejected_len = out.unbind(1)
+    ref = (initial[:, 0], initial[:, 1]) if needs_reference else (None, None)
     with torch.no_grad():  # also tells a stateful loss (gammapo.py) that these pairs are held out
-        losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
+        losses, chosen_rewards, rejected_rewards = loss_fn(
+            PairLogps(chosen, rejected, *ref, chosen_len, rejected_len), args
+        )
+    per_token, initial_per_token = out[:, :2] / out[:, 2:], initial / out[:, 2:]  # [N, 2]
     return {
         "eval/reward_accuracy": correct(chosen_rewards, rejected_rewards).mean().item(),
         "eval/loss": losses.mean().item(),
         "eval/margin": (chosen_rewards - rejected_rewards).mean().item(),
+        "eval/log_ratio_accuracy": correct(chosen - initial[:, 0], rejected - initial[:, 1]).mean().item(),
+        "eval/avg_logp_accuracy": correct(per_token[:, 0], per_token[:, 1]).mean().item(),
+        "eval/logp_per_token/chosen": per_token[:, 0].mean().item(),
+        "eval/logp_per_token/rejected": per_token[:, 1].mean().item(),
+        "eval/logp_per_token_change/chosen": (per_token[:, 0] - initial_per_token[:, 0]).mean().item(),
+        "eval/logp_per_token_change/rejected": (per_token[:, 1] - initial_per_token[:, 1]).mean().item(),
     }
 
 
@@ -1491,7 +1504,8 @@ def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_sta
     """The whole run. Returns the last metrics (held-out accuracy included).
 
     loss_state: what the loss keeps between steps (gammapo.py's history of reward gaps), or None. It has
-    reset(seed), state_dict() and load_state_dict(state); it is reset here and saved in checkpoints.
+    reset(seed), state_dict() and load_state_dict(state), and metrics(): a dict of floats about the step just
+    taken, logged with it. It is reset here and saved in checkpoints.
     """
     rank, world, device = setup_distributed()
     lock = None
@@ -1518,7 +1532,17 @@ def run_record(args: TrainArgs, method: str, **more) -> dict:
     return asdict(args) | {"method": method} | more
 
 
-RUN_KEYS = ("method", "run_id", "command", "paper", "train_rows", "held_out_pairs", "completed_steps", "hardware")
+RUN_KEYS = (
+    "method",
+    "run_id",
+    "command",
+    "paper",
+    "train_rows",
+    "held_out_pairs",
+    "completed_steps",
+    "hardware",
+    "reply_score",
+)
 
 
 def command(method: str) -> str:
@@ -1610,10 +1634,10 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
         on_rank0(write_json, output_dir / "args.json", record)
 
     policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed, empty=rank != 0), args, device)
-    train_ref = test_ref = None
-    if needs_reference:  # before any checkpoint is loaded: the reference is the initial model
-        train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train")
-        test_ref = reference_logps(policy, test_pairs, args, pad_id, device, "held-out") if test_pairs else None
+    # Before any checkpoint is loaded: the reference is the initial model. Every method gets the held-out
+    # pairs' (π_0 of the common held-out metrics); only a method with a reference gets the training pairs'.
+    train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train") if needs_reference else None
+    initial = reference_logps(policy, test_pairs, args, pad_id, device, "held-out") if test_pairs else None
 
     steps_per_epoch = len(train_pairs) // args.global_batch_size
     total_steps = steps_per_epoch * args.num_epochs
@@ -1640,7 +1664,7 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
     )
     result = {}
     if test_pairs and start_step == 0:
-        result = evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
+        result = evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference)
         bad = not_finite(result)
         if bad:
             raise RunStopped(f"step 0: {bad[0]} is {result[bad[0]]}; check the loss's hyper-parameters and the data")
@@ -1661,8 +1685,9 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
                 result |= train_step(
                     policy, optimizer, scheduler, batch, train_pairs, train_ref, loss_fn, args, pad_id, device
                 )
+                result |= loss_state.metrics() if loss_state is not None else {}
                 if test_pairs and (step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)):
-                    result |= evaluate(policy, test_pairs, test_ref, loss_fn, args, pad_id, device)
+                    result |= evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference)
                 bad = not_finite(result)
                 if bad:
                     raise NonFinite(f"{bad[0]} is {result[bad[0]]}")
@@ -1682,6 +1707,9 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
                     )
         save_dtype = torch.bfloat16 if uses_bf16(args, device) else torch.float32
         save_model(output_dir, policy, tokenizer, save_dtype)
+        if args.data == "tiny" and test_pairs:
+            record["reply_score"] = on_rank0(score_tiny_replies, output_dir)
+            log(f"generated-reply score {record['reply_score']:.3f} (0.5: ignores the request, 1: follows it)")
     except StepFailed as e:
         raise RunStopped(f"step {step + 1}: {e}. {after_failure(e, step + 1, args, last_saved)}") from None
     finally:
@@ -1695,6 +1723,16 @@ def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, check
         log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")
     log(f"model saved to {output_dir}")
     return result
+
+
+def score_tiny_replies(output_dir: Path) -> float:
+    """The tiny task's generated-reply score (eval.py) of the saved model; its replies go to replies.jsonl."""
+    from eval import tiny_reply_score  # eval.py imports this file
+
+    rows = [json.loads(line) for line in (TINY_DATA_DIR / "test.jsonl").read_text().splitlines()]
+    score, replies = tiny_reply_score(str(output_dir), [row["prompt"] for row in rows])
+    (output_dir / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))
+    return score
 
 
 def after_failure(error: StepFailed, step: int, args: TrainArgs, last_saved: int | None) -> str:

@@ -409,6 +409,50 @@ def judge(args: EvalArgs, rows: list[dict], reference: list[dict], out_dir: Path
     return results
 
 
+# ---- the tiny task: AlpacaEval in miniature ----
+# The held-out prompts of data/tiny ask for a few words in upper or lower case. A reply is judged by the task's own
+# rule, per word: 1 in the asked case, 0 in the other, 0.5 in neither (Title, mIxEd). The score averages the
+# upper-case and the lower-case prompts' mean reply score, so a model that ignores the request scores 0.5 (whatever
+# case it writes in) and one that follows it 1.0.
+
+TINY_ASKS = {  # the requests data/tiny/make_tiny.py writes
+    "Say in UPPER case:": "upper",
+    "Shout these words:": "upper",
+    "Write in capitals:": "upper",
+    "Say in lower case:": "lower",
+    "Whisper these words:": "lower",
+    "Write in small letters:": "lower",
+}
+
+
+def asked_case(prompt: str) -> str:
+    return next(case for ask, case in TINY_ASKS.items() if prompt.startswith(ask))
+
+
+def case_score(prompt: str, reply: str) -> float:
+    """How well one reply writes its words in the case the prompt asks for, in [0, 1]; 0.5 without words."""
+    asked = asked_case(prompt)
+    words = [w for w in reply.split() if any(c.isalpha() for c in w)]
+    if not words:
+        return 0.5
+    right = sum(w.isupper() if asked == "upper" else w.islower() for w in words)
+    wrong = sum(w.islower() if asked == "upper" else w.isupper() for w in words)
+    return (right + 0.5 * (len(words) - right - wrong)) / len(words)
+
+
+def tiny_reply_score(checkpoint: str, prompts: list[str], seed: int = 42) -> tuple[float, list[dict]]:
+    """Sample a reply to each prompt with this file's generation code (its default temperature) and judge them:
+    (score, one row per prompt)."""
+    args = EvalArgs(checkpoint=checkpoint, backend="hf", max_new_tokens=64, seed=seed, judge="none")
+    replies = hf_generator(args)(prompts, 0)
+    rows = [{"instruction": p, "output": r.strip(), "score": case_score(p, r)} for p, r in zip(prompts, replies)]
+    by_case = {"upper": [], "lower": []}
+    for row in rows:
+        by_case[asked_case(row["instruction"])].append(row)
+    means = [sum(r["score"] for r in group) / len(group) for group in by_case.values() if group]
+    return sum(means) / len(means), rows
+
+
 # ---- main ----
 
 

@@ -62,6 +62,16 @@ class GapHistory:
     def reset(self, seed: int) -> None:
         self.gaps = torch.zeros(0, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)  # same seed on every rank: same samples
+        self.solved = []  # this step's γ_i, every rank's pairs: the spread metrics() reports
+
+    def metrics(self) -> dict:
+        """The spread of this step's margins γ_i (the same on every rank), logged with the step's metrics."""
+        gammas, self.solved = torch.cat(self.solved), []
+        return {
+            "gamma_i/min": gammas.min().item(),
+            "gamma_i/mean": gammas.mean().item(),
+            "gamma_i/max": gammas.max().item(),
+        }
 
     def state_dict(self) -> dict:
         return {"gaps": self.gaps.cpu(), "generator": self.generator.get_state()}
@@ -82,6 +92,7 @@ class GapHistory:
         n_past = max(0, min(len(self.gaps), SOLVE_SIZE - len(every_rank)))
         sample = torch.randperm(len(self.gaps), generator=self.generator)[:n_past]
         solved = adaptive_margins(torch.cat([every_rank, self.gaps[sample.to(self.gaps.device)]]), gamma0, tau)
+        self.solved.append(solved[: len(every_rank)])
         self.gaps = torch.cat([self.gaps, every_rank])[-HISTORY_SIZE:]
         rank = dist.get_rank() if dist.is_initialized() else 0
         return solved[rank * len(gaps) : (rank + 1) * len(gaps)].to(gaps.dtype)

@@ -2,6 +2,7 @@
 an interrupted cell resumed, and clear errors for a bad grid."""
 
 import json
+import statistics
 
 import matplotlib.image
 import pytest
@@ -42,27 +43,62 @@ def test_every_cell_trained_and_recorded(finished):
 def test_table_is_written_from_the_results(finished):
     args, _, results = finished
     table = (robustness.Path(args.output_dir) / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [row.split("|")[1].strip() for row in rows] == ["`dpo.py`", "`simpo.py`"]
-    assert "| method | p = 0 | p = 0.5 |" in table
-    for row, method in zip(rows, args.methods):
-        cells = [c.strip() for c in row.split("|")[2:-1]]
-        expected = [
-            next(r["accuracy"] for r in results if (r["method"], r["flip_frac"]) == (method, p)) for p in (0, 0.5)
-        ]
-        assert cells == [f"{a:.3f}" for a in expected]
+    for metric, title in robustness.METRICS.items():
+        section = table.split(f"**{title}**")[1].split("**")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        assert "| method | p = 0 | p = 0.5 |" in section
+        assert [row.split("|")[1].strip() for row in rows] == ["`dpo.py`", "`simpo.py`"]
+        for row, method in zip(rows, args.methods):
+            cells = [c.strip() for c in row.split("|")[2:-1]]
+            expected = [
+                next(r[metric] for r in results if (r["method"], r["flip_frac"]) == (method, p)) for p in (0, 0.5)
+            ]
+            assert cells == [f"{a:.3f}" for a in expected]  # one seed: no interval
 
 
-def test_plot_has_one_line_per_method(finished, tmp_path):
+def test_plot_has_one_panel_per_metric_and_a_line_per_method(finished, tmp_path):
     args, _, results = finished
-    image = matplotlib.image.imread(robustness.Path(args.output_dir) / "plot.png")
-    assert image.shape[:2] == (540, 840)
+    assert matplotlib.image.imread(robustness.Path(args.output_dir) / "plot.png").shape[2] in (3, 4)
     figure = robustness.plot(tmp_path / "again.png", results, args)
-    drawn = figure.axes[0].containers  # one errorbar (line + min-max bars) per method
-    assert [container.get_label() for container in drawn] == ["dpo", "simpo"]
-    for (line, _, _), method in zip(drawn, args.methods):
-        assert all(abs(x - p) < 0.1 for x, p in zip(line.get_xdata(), [0.0, 0.5]))  # side by side around each p
-        assert list(line.get_ydata()) == [r["accuracy"] for r in results if r["method"] == method]
+    panels = [axes for axes in figure.axes if axes.containers]
+    assert [axes.get_title() for axes in panels] == list(robustness.METRICS.values())
+    for axes, metric in zip(panels, robustness.METRICS):
+        drawn = axes.containers  # one errorbar (points + interval bars) per method
+        assert [container.get_label() for container in drawn] == ["dpo", "simpo"]
+        for (line, _, _), method in zip(drawn, args.methods):
+            assert all(abs(x - p) < 0.1 for x, p in zip(line.get_xdata(), [0.0, 0.5]))  # side by side around each p
+            assert list(line.get_ydata()) == [r[metric] for r in results if r["method"] == method]
+
+
+def test_interval_is_the_t_interval_worked_by_hand():
+    # mean 0.8, sample std sqrt(0.02 / 3), n = 4: half-width t_{0.975}(3) = 3.182 times std / 2
+    mean, half = robustness.interval([0.7, 0.8, 0.9, 0.8])
+    assert mean == pytest.approx(0.8)
+    assert half == pytest.approx(3.182 * (0.02 / 3) ** 0.5 / 2)
+    assert robustness.interval([0.5]) == (0.5, None)
+    assert robustness.interval([0.9, 0.9]) == (0.9, 0.0)
+    assert robustness.interval([0.0, 1.0] * 20)[1] == pytest.approx(1.96 * statistics.stdev([0.0, 1.0] * 20) / 40**0.5)
+
+
+def test_methods_are_told_apart_only_when_every_interval_is_narrower_than_the_gap(tmp_path):
+    args = small_study(tmp_path, methods=("dpo", "simpo"), flip_fracs=(0.1, 0.3), seeds=(1, 2, 3))
+    values = {  # (method, p) -> over seeds 1, 2, 3
+        ("dpo", 0.1): [0.90, 0.91, 0.89],
+        ("simpo", 0.1): [0.70, 0.71, 0.69],
+        ("dpo", 0.3): [0.9, 0.5, 0.7],
+        ("simpo", 0.3): [0.5, 0.9, 0.6],
+    }
+    results = [
+        {"method": m, "flip_frac": p, "seed": seed, "reply_score": v}
+        for (m, p), seeds in values.items()
+        for seed, v in enumerate(seeds, start=1)
+    ]
+    lines = robustness.metric_table(results, args, "reply_score")
+    half = 4.303 * 0.01 / 3**0.5  # t_{0.975}(2) · std / sqrt(3)
+    assert f"| `dpo.py` | 0.900 ± {half:.3f} |" in lines[4]
+    verdict = lines[-2]
+    assert f"p = 0.1: yes (gap 0.200, widest interval {2 * half:.3f})" in verdict
+    assert "p = 0.3: no (gap 0.033, widest" in verdict
 
 
 def test_finished_cells_are_not_rerun_and_a_missing_one_is(finished, monkeypatch):

@@ -47,6 +47,9 @@ def test_tiny_run_learns_and_reuses_reference(tmp_path, capsys):
     first = metrics(tmp_path / "run")[0]
     assert first["step"] == 0 and first["eval/reward_accuracy"] == 0.5  # policy = reference: every pair ties
     assert result["eval/reward_accuracy"] >= 0.9
+    run_record = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert_common_held_out_metrics(first, result, run_record)
+    assert run_record["reply_score"] > 0.8  # DPO's replies follow the request (0.89 measured; untrained: 0.49)
     assert "reference log-probs (train): computed 1600 pairs" in log
     assert len(list((tmp_path / "refs").glob("*.pt"))) == 2  # train and held-out
 
@@ -97,20 +100,43 @@ def test_every_method_learns_on_the_tiny_default(method, tmp_path, tmp_path_fact
     assert result["eval/reward_accuracy"] >= 0.9
     args = json.loads((tmp_path / method.__name__ / "args.json").read_text())
     assert args["learning_rate"] == common.TINY_DEFAULTS["learning_rate"]
+    assert_common_held_out_metrics(first, result, args)
+    if method is gammapo:  # the spread of its margins γ_i, every step, around γ0 = gamma_beta_ratio · β
+        steps = [r for r in metrics(tmp_path / "gammapo") if "loss" in r]
+        gamma0 = args["gamma_beta_ratio"] * args["beta"]
+        assert all(r["gamma_i/min"] <= r["gamma_i/mean"] <= r["gamma_i/max"] for r in steps)
+        assert all(r["gamma_i/min"] < r["gamma_i/max"] for r in steps)
+        means = [r["gamma_i/mean"] for r in steps]
+        assert 0.5 * gamma0 < min(means) and max(means) < 2 * gamma0
 
 
-def test_reference_free_never_computes_reference(tmp_path, monkeypatch):
+def assert_common_held_out_metrics(first, last, args):
+    """The metrics that mean the same for every method, at step 0 (policy = π_0) and at the end; and the
+    generated-reply score of the trained model (how far above 0.5 depends on the method: see robustness.py)."""
+    common_keys = [key for key in first if key.startswith(("eval/log_ratio", "eval/avg_logp", "eval/logp_per"))]
+    assert len(common_keys) == 6 and all(key in last for key in common_keys)
+    assert first["eval/log_ratio_accuracy"] == 0.5  # every pair ties
+    assert first["eval/logp_per_token_change/chosen"] == first["eval/logp_per_token_change/rejected"] == 0
+    assert last["eval/log_ratio_accuracy"] >= 0.9 and last["eval/avg_logp_accuracy"] >= 0.9
+    assert last["eval/logp_per_token/chosen"] > last["eval/logp_per_token/rejected"]
+    assert 0 <= args["reply_score"] <= 1
+
+
+def test_reference_free_never_computes_reference_for_training(tmp_path, monkeypatch):
     def length_normalised_loss(lp, args):
         assert lp.ref_chosen is None and lp.ref_rejected is None
         chosen, rejected = lp.chosen / lp.chosen_len, lp.rejected / lp.rejected_len
         return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
 
-    def no_reference(*args, **kwargs):
-        raise AssertionError("reference log-probs requested by a reference-free run")
+    initial_logps = common.reference_logps
 
-    monkeypatch.setattr(common, "reference_logps", no_reference)
+    def held_out_only(policy, pairs, args, pad_id, device, name):
+        assert name == "held-out", "reference log-probs of the training pairs requested by a reference-free run"
+        return initial_logps(policy, pairs, args, pad_id, device, name)  # π_0 of the common held-out metrics
+
+    monkeypatch.setattr(common, "reference_logps", held_out_only)
     run(tmp_path, "free", SMALL, simpo, loss_fn=length_normalised_loss)
-    assert not (tmp_path / "refs").exists()
+    assert len(list((tmp_path / "refs").glob("*.pt"))) == 1
     assert (tmp_path / "free" / "model.safetensors").is_file()
 
 
