@@ -1,8 +1,23 @@
 """minpo common: everything the method files share, and nothing that differs between them.
 
-Read top to bottom: arguments, model and tokenizer, data, log-probs, distributed setup, the output
-folder, reference log-probs, checkpoints, the training loop. Loss math, β/γ/α and method defaults
-live in the method files (dpo.py, simpo.py, ...), never here.
+Sections come in the order a run uses them; the last, "the run", strings them together: train() checks the flags
+and claims the folder, start_run() reads the data, loads the model and the reference log-probs, run_steps() makes
+the optimizer, resumes, takes the steps and saves the model. Map:
+
+    arguments          TrainArgs, parse_args, check_args
+    model, tokenizer   load_tokenizer, load_model (dropout off)
+    data               read_rows -> parse_rows (every row checked once, named by file and row) -> load_data,
+                       select_and_flip -> tokenize_pairs -> collate
+    log-probs          LogpsModel: one forward, batch_logps (lm_head in chunks: ChunkedTokenLogps) -> PairLogps
+    distributed        setup_distributed (one code path, one process or many), on_rank0, shard_model (FSDP2)
+    output folder      claim_output_dir (one run at a time), write_json, Trackers, read_metrics
+    reference          all_pairs_logps, reference_logps (the initial model's, cached on disk)
+    checkpoints        save_checkpoint / resume (sealed by a manifest, swapped in by swap_in), save_model
+    training loop      evaluate, train_step, StopSignal
+    the run            Method, Run, train -> start_run -> run_steps -> finish_run; main
+    tiny run           TINY_DEFAULTS, build_tiny_tokenizer, build_tiny_model (--model tiny)
+
+Loss math, β/γ/α and method defaults live in the method files (dpo.py, simpo.py, ...), never here.
 """
 
 import contextlib
@@ -28,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -144,19 +159,6 @@ class TrainArgs:
     'minpo'); none by default, and none is a requirement"""
 
 
-# The embedded tiny run: a random model learns the tiny task in about 30 seconds on 2 CPU cores.
-# Applied to --model tiny for every field not given on the command line.
-TINY_DEFAULTS = dict(
-    data="tiny",
-    learning_rate=1e-3,
-    global_batch_size=32,
-    micro_batch_size=16,
-    num_epochs=2,
-    max_length=128,
-    max_prompt_length=96,
-    save_steps=50,
-    gradient_checkpointing=False,
-)
 # Flags a resumed run may change: they change how the work is done, not its result.
 RESUME_MAY_CHANGE = {
     "output_dir",
@@ -230,60 +232,6 @@ def uses_bf16(args: TrainArgs, device: torch.device) -> bool:
 
 # ---- model and tokenizer ----
 
-# Qwen-style ChatML, without Qwen's default system prompt.
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-def build_tiny_tokenizer():
-    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32):
-    """A small random Qwen2 (head_dim 64, so vLLM's CPU backend can serve it too)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=320,  # 259 tokens, rounded up
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(dtype)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True
-    )
-    return model
-
 
 def _cannot_load(name: str, error: Exception) -> InputError:
     hint = "pass a hub name, a local model folder, or 'tiny'"
@@ -338,12 +286,6 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
-
-
-def load_model_and_tokenizer(name: str, dtype=torch.float32, seed: int = 0):
-    """A hub name, a local folder, or 'tiny'. Never trust_remote_code."""
-    tokenizer = load_tokenizer(name)
-    return load_model(name, tokenizer, dtype, seed), tokenizer
 
 
 # ---- data ----
@@ -526,48 +468,47 @@ def load_data(args: TrainArgs) -> tuple[list[Example], str, list[Example], str]:
     if args.data == "tiny" or Path(args.data).expanduser().is_dir():
         folder = TINY_DATA_DIR if args.data == "tiny" else Path(args.data).expanduser()
         train_file, test_file = find_split_file(folder, "train"), find_split_file(folder, "test")
-        train, test = (
-            parse_rows(read_rows(train_file), str(train_file)),
-            parse_rows(read_rows(test_file), str(test_file)),
-        )
+        train_rows = parse_rows(read_rows(train_file), str(train_file))
+        test_rows = parse_rows(read_rows(test_file), str(test_file))
         sources = str(train_file), str(test_file)
     elif args.data.endswith((".jsonl", ".json", ".parquet")):
-        train, sources = parse_rows(read_rows(Path(args.data).expanduser()), args.data), (args.data, args.test_data)
+        train_rows = parse_rows(read_rows(Path(args.data).expanduser()), args.data)
+        sources = args.data, args.test_data
         if args.test_data:
-            test = parse_rows(read_rows(Path(args.test_data).expanduser()), args.test_data)
+            test_rows = parse_rows(read_rows(Path(args.test_data).expanduser()), args.test_data)
         else:  # hold out 5% of the rows, seeded
-            order = np.random.default_rng(args.seed).permutation(len(train))
-            n_test = min(1000, max(1, len(train) // 20))
-            test = [train[i] for i in sorted(order[:n_test])]
-            train = [train[i] for i in sorted(order[n_test:])]
+            order = np.random.default_rng(args.seed).permutation(len(train_rows))
+            n_test = min(1000, max(1, len(train_rows) // 20))
+            test_rows = [train_rows[i] for i in sorted(order[:n_test])]
+            train_rows = [train_rows[i] for i in sorted(order[n_test:])]
             sources = (f"{args.data} (train part)", f"{args.data} (held-out part)")
     else:
         from datasets import load_dataset
 
         try:
-            train_rows = load_dataset(args.data, split=args.train_split).to_list()
-            test_rows = load_dataset(args.data, split=args.test_split).to_list()
+            hub_train = load_dataset(args.data, split=args.train_split).to_list()
+            hub_test = load_dataset(args.data, split=args.test_split).to_list()
         except Exception as e:  # hub, network and split errors all end here
             raise InputError(
                 f"could not load data set '{args.data}' ({type(e).__name__}: {first_line(e)}); "
                 "pass a hub name, a local .jsonl/.json/.parquet file or folder, or 'tiny'"
             ) from None
         sources = f"{args.data}[{args.train_split}]", f"{args.data}[{args.test_split}]"
-        train = parse_rows(list(enumerate(train_rows, 1)), sources[0])
-        test = parse_rows(list(enumerate(test_rows, 1)), sources[1])
-    train = train[: args.max_train_samples] if args.max_train_samples else train
-    test = test[: args.max_test_samples] if args.max_test_samples else test
-    return train, sources[0], test, sources[1]
+        train_rows = parse_rows(list(enumerate(hub_train, 1)), sources[0])
+        test_rows = parse_rows(list(enumerate(hub_test, 1)), sources[1])
+    train_rows = train_rows[: args.max_train_samples] if args.max_train_samples else train_rows
+    test_rows = test_rows[: args.max_test_samples] if args.max_test_samples else test_rows
+    return train_rows, sources[0], test_rows, sources[1]
 
 
-def held_out_in_training(train: list[Example], test: list[Example]) -> int:
+def held_out_in_training(train_rows: list[Example], test_rows: list[Example]) -> int:
     """Held-out pairs that also sit in the training data (same prompt and the same two replies, either way round)."""
 
     def key(ex: Example):
         return json.dumps(ex.prompt), frozenset((json.dumps(ex.chosen), json.dumps(ex.rejected)))
 
-    seen = {key(ex) for ex in train}
-    return sum(key(ex) in seen for ex in test)
+    seen = {key(ex) for ex in train_rows}
+    return sum(key(ex) in seen for ex in test_rows)
 
 
 def score_gap(ex: Example) -> float:
@@ -682,6 +623,7 @@ class PairLogps(NamedTuple):
     ref_rejected: Tensor | None
     chosen_len: Tensor  # [B] completion tokens, as float
     rejected_len: Tensor
+    held_out: bool = False  # held-out pairs (evaluation): a loss with state (gammapo.py) leaves it untouched
 
 
 def _logits_into(buffer: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -845,6 +787,13 @@ def shard_model(model: nn.Module, args: TrainArgs, device: torch.device) -> Logp
     return policy.to(device)
 
 
+def gather(value) -> list:
+    """A small Python value from every rank, in rank order."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -903,8 +852,7 @@ def check_same_folder(output_dir: Path, token: str) -> None:
         seen = (output_dir / LOCK_FILE).read_text().split("\n")[1]
     except (OSError, IndexError):
         seen = None
-    views = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (seen == token, socket.gethostname()))
+    views = gather((seen == token, socket.gethostname()))
     blind = [f"rank {rank} on {host}" for rank, (sees, host) in enumerate(views) if not sees]
     if blind:
         raise InputError(
@@ -1010,7 +958,7 @@ def read_metrics(path: Path, up_to_step: int) -> list[str]:
 # ---- reference log-probs ----
 
 
-def _shard_logps(policy: LogpsModel, pairs: list[Pair], batch_size: int, pad_id: int, device, desc: str) -> Tensor:
+def all_pairs_logps(policy: LogpsModel, pairs: list[Pair], batch_size: int, pad_id: int, device, desc: str) -> Tensor:
     """Policy log-probs for all pairs, no grad, each rank doing every world-th batch: [N, 4] =
     (chosen, rejected, chosen_len, rejected_len), summed over ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -1110,7 +1058,7 @@ def reference_logps(policy: LogpsModel, pairs: list[Pair], args: TrainArgs, pad_
     if all_true(cached is not None, device):  # every rank must agree, or some would wait in forwards
         log(f"reference log-probs ({name}): reusing cache {cache_file}")
         return cached
-    ref = _shard_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
+    ref = all_pairs_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
     cached_in = f", cached in {cache_file}" if dist.get_rank() == 0 and write_ref_cache(cache_file, ref) else ""
     log(f"reference log-probs ({name}): computed {len(pairs)} pairs{cached_in}")
     return ref
@@ -1184,8 +1132,7 @@ def my_share(names) -> list:
 
 def seal(folder: Path, files: set[str]) -> None:
     """Each rank hashes its share of the files; rank 0 writes the manifest, which makes the checkpoint whole."""
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, {name: file_digest(folder / name) for name in my_share(files)})
+    shares = gather({name: file_digest(folder / name) for name in my_share(files)})
     if dist.get_rank() == 0:
         write_json(folder / MANIFEST, {name: entry for share in shares for name, entry in share.items()})
 
@@ -1202,9 +1149,7 @@ def check_manifest(folder: Path) -> str | None:
             problems.append(f"{path} is damaged ({path.stat().st_size} bytes, written with {size})")
         elif file_digest(path)[1] != sha256:
             problems.append(f"{path} is damaged (its SHA-256 is not the one it was written with)")
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, problems)
-    return next((problem for share in shares for problem in share), None)
+    return next((problem for share in gather(problems) for problem in share), None)
 
 
 def rng_state() -> dict:
@@ -1229,9 +1174,11 @@ def weights_are_finite(policy: nn.Module) -> bool:
     return all_true(bool(torch.stack([torch.isfinite(s).all() for s in shards]).all()), shards[0].device)
 
 
-def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, loss_state, record: dict) -> None:
-    """Model and optimizer shards (torch.distributed.checkpoint), scheduler, RNG, the loss's state and the run's
-    flags (record, as args.json), written to checkpoint.tmp, sealed, then swapped in."""
+def save_checkpoint(output_dir: Path, policy, trainer: tuple, step: int, loss_state, record: dict) -> None:
+    """Model and optimizer shards (torch.distributed.checkpoint), scheduler (trainer: the optimizer and scheduler),
+    RNG, the loss's state and the run's flags (record, as args.json), written to checkpoint.tmp, sealed, then
+    swapped in."""
+    optimizer, scheduler = trainer
     if not weights_are_finite(policy):
         raise NonFinite("the weights hold NaN or infinite values, so no checkpoint was written")
     rank, world, tmp = dist.get_rank(), dist.get_world_size(), output_dir / TMP
@@ -1248,8 +1195,7 @@ def save_checkpoint(output_dir: Path, policy, optimizer, scheduler, step: int, l
             write_json(tmp / "args.json", record)
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:  # e.g. a full disk
         error = write_failure("the checkpoint", tmp, e)
-    errors = [None] * world
-    dist.all_gather_object(errors, error)
+    errors = gather(error)
     if any(errors):
         on_rank0(remove, tmp)  # give the space back
         raise StepFailed(next(e for e in errors if e))
@@ -1288,8 +1234,10 @@ def resume(checkpoints: list[Path], policy, optimizer, scheduler, loss_state) ->
     raise InputError(f"{problem}; no whole checkpoint is left: put the file back, or start again in a new --output_dir")
 
 
-def save_model(output_dir: Path, policy: LogpsModel, tokenizer, save_dtype: torch.dtype) -> None:
-    """A Hugging Face model folder that from_pretrained and vLLM load unchanged."""
+def save_model(run: "Run") -> None:
+    """A Hugging Face model folder that from_pretrained and vLLM load unchanged, in bf16 when the run computed in it."""
+    output_dir, policy, tokenizer = run.output_dir, run.policy, run.tokenizer
+    save_dtype = torch.bfloat16 if uses_bf16(run.args, run.device) else torch.float32
     if not weights_are_finite(policy):
         raise NonFinite("the weights hold NaN or infinite values, so the model was not saved")
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -1367,29 +1315,23 @@ def step_batches(pairs: list[Pair], args: TrainArgs, epoch: int) -> list[list[in
     return [sorted(b, key=lambda i: pairs[i].length) for b in batches]
 
 
-def pair_logps(logps: Tensor, lens: Tensor, ref: Tensor | None) -> PairLogps:
-    b = logps.shape[0] // 2
-    ref_chosen, ref_rejected = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
-    return PairLogps(logps[:b], logps[b:], ref_chosen, ref_rejected, lens[:b], lens[b:])
-
-
 def correct(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
     """[B] 1 where the chosen reward wins, 0.5 on a tie (policy = reference at step 0), else 0."""
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
-def evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference) -> dict:
+def evaluate(run: "Run") -> dict:
     """Held-out metrics. The method's own, by its reward (what TRL logs): reward accuracy, loss, margin. Then the
-    same for every method, from π_0 = the initial model ([N, 2] held-out log-probs): accuracy by log π/π_0 summed
-    over the reply, accuracy by mean log-prob per token, and the mean log-prob per token of the chosen and rejected
-    replies with its change since step 0."""
-    out = _shard_logps(policy, test_pairs, 2 * args.micro_batch_size, pad_id, device, "held-out")
+    same for every method, from π_0 = the initial model (run.initial): accuracy by log π/π_0 summed over the reply,
+    accuracy by mean log-prob per token, and the mean log-prob per token of the chosen and rejected replies with its
+    change since step 0."""
+    out = all_pairs_logps(run.policy, run.test_pairs, 2 * run.args.micro_batch_size, run.pad_id, run.device, "held-out")
     chosen, rejected, chosen_len, rejected_len = out.unbind(1)
-    ref = (initial[:, 0], initial[:, 1]) if needs_reference else (None, None)
-    with torch.no_grad():  # also tells a stateful loss (gammapo.py) that these pairs are held out
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            PairLogps(chosen, rejected, *ref, chosen_len, rejected_len), args
-        )
+    initial = run.initial
+    ref = (initial[:, 0], initial[:, 1]) if run.method.needs_reference else (None, None)
+    lp = PairLogps(chosen, rejected, *ref, chosen_len, rejected_len, held_out=True)
+    with torch.no_grad():
+        losses, chosen_rewards, rejected_rewards = run.method.loss_fn(lp, run.args)
     per_token, initial_per_token = out[:, :2] / out[:, 2:], initial / out[:, 2:]  # [N, 2]
     return {
         "eval/reward_accuracy": correct(chosen_rewards, rejected_rewards).mean().item(),
@@ -1414,42 +1356,37 @@ def not_finite(record: dict) -> list[str]:
     return [name for name, value in record.items() if isinstance(value, float) and not math.isfinite(value)]
 
 
-def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, pad_id, device) -> dict:
-    """One optimizer step over this rank's share of the global batch (indices into pairs and ref), in
+STEP_SUMS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"]
+STEP_SUMS += ["logps/chosen", "logps/rejected", "tokens"]
+
+
+def train_step(run: "Run", optimizer, scheduler, batch: list[int]) -> dict:
+    """One optimizer step over this rank's share of the global batch (indices into run.train_pairs), in
     micro-batches; returns its metrics. A non-finite loss or gradient norm stops it before the weights change."""
-    started = time.perf_counter()
+    started, args, device = time.perf_counter(), run.args, run.device
     per_rank = args.global_batch_size // dist.get_world_size()
     n_micro = per_rank // args.micro_batch_size
-    # On-device sums, reduced once per step: loss, rewards (chosen, rejected), accuracy, margin,
-    # logps (chosen, rejected), tokens.
-    totals = torch.zeros(8, device=device)
+    totals = torch.zeros(len(STEP_SUMS), device=device)  # on-device sums, reduced once per step
     for micro in range(n_micro):
         ids = batch[micro * args.micro_batch_size : (micro + 1) * args.micro_batch_size]
-        input_ids, attention_mask, completion_mask = (t.to(device) for t in collate([pairs[i] for i in ids], pad_id))
-        policy.set_requires_gradient_sync(args.gradient_sync == "micro_batch" or micro == n_micro - 1)
-        logps, lens = policy(input_ids, attention_mask, completion_mask)
-        lp = pair_logps(logps, lens, ref[ids] if ref is not None else None)
-        losses, chosen_rewards, rejected_rewards = loss_fn(lp, args)
-        (losses.sum() / per_rank).backward()  # FSDP averages over ranks: the mean over the global batch
-        totals += torch.stack(
-            [
-                losses.detach().sum(),
-                chosen_rewards.sum(),
-                rejected_rewards.sum(),
-                correct(chosen_rewards, rejected_rewards).sum(),
-                (chosen_rewards - rejected_rewards).sum(),
-                lp.chosen.detach().sum(),
-                lp.rejected.detach().sum(),
-                attention_mask.sum(),
-            ]
+        input_ids, attention_mask, completion_mask = (
+            t.to(device) for t in collate([run.train_pairs[i] for i in ids], run.pad_id)
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)
+        run.policy.set_requires_gradient_sync(args.gradient_sync == "micro_batch" or micro == n_micro - 1)
+        logps, lens = run.policy(input_ids, attention_mask, completion_mask)
+        b, ref = len(ids), run.train_ref[ids] if run.train_ref is not None else None
+        ref_logps = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
+        lp = PairLogps(logps[:b], logps[b:], *ref_logps, lens[:b], lens[b:])
+        losses, chosen_rewards, rejected_rewards = run.method.loss_fn(lp, args)
+        (losses.sum() / per_rank).backward()  # FSDP averages over ranks: the mean over the global batch
+        margins, wins = chosen_rewards - rejected_rewards, correct(chosen_rewards, rejected_rewards)
+        sums = [losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(), wins.sum(), margins.sum()]
+        totals += torch.stack(sums + [lp.chosen.detach().sum(), lp.rejected.detach().sum(), attention_mask.sum()])
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), args.max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    totals = all_reduce_sum(totals).tolist()
-    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"]
-    names += ["logps/chosen", "logps/rejected"]
-    record = {name: total / args.global_batch_size for name, total in zip(names, totals)}
-    record["grad_norm"] = grad_norm.item()
+    totals = dict(zip(STEP_SUMS, all_reduce_sum(totals).tolist()))
+    tokens = totals.pop("tokens")
+    record = {name: total / args.global_batch_size for name, total in totals.items()} | {"grad_norm": grad_norm.item()}
     bad = not_finite(record)
     if bad:
         optimizer.zero_grad(set_to_none=True)
@@ -1458,10 +1395,11 @@ def train_step(policy, optimizer, scheduler, batch, pairs, ref, loss_fn, args, p
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
     return record | {
         "lr": lr,
-        "tokens": int(totals[7]),
-        "tokens/s": totals[7] / (time.perf_counter() - started),
+        "tokens": int(tokens),
+        "tokens/s": tokens / seconds,
         "peak_memory_gb": peak_memory_gb(device),
     }
 
@@ -1500,13 +1438,52 @@ class StopSignal:
             )
 
 
-def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state=None) -> dict:
-    """The whole run. Returns the last metrics (held-out accuracy included).
+# ---- the run ----
+# train() is the whole run, in the order it happens: flags and folder checked, then start_run (data, model,
+# reference log-probs), then run_steps (optimizer, resume, steps with held-out metrics and checkpoints, save).
 
-    loss_state: what the loss keeps between steps (gammapo.py's history of reward gaps), or None. It has
-    reset(seed), state_dict() and load_state_dict(state), and metrics(): a dict of floats about the step just
-    taken, logged with it. It is reset here and saved in checkpoints.
-    """
+
+class LossState(Protocol):
+    """What a loss keeps between steps (gammapo.py's history of reward gaps; every other loss keeps nothing)."""
+
+    def reset(self, seed: int) -> None: ...  # at the start of a run
+    def state_dict(self) -> dict: ...  # saved in every checkpoint
+    def load_state_dict(self, state: dict) -> None: ...
+    def metrics(self) -> dict: ...  # floats about the step just taken, logged with it
+
+
+class Method(NamedTuple):
+    """What a method file hands to common.main."""
+
+    name: str  # the file's name: dpo, simpo, ...
+    loss_fn: Callable  # (PairLogps, args) -> (losses, chosen rewards, rejected rewards), each [B]
+    needs_reference: bool
+    loss_state: LossState | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every step reads, set once by start_run."""
+
+    args: TrainArgs
+    method: Method
+    output_dir: Path
+    device: torch.device
+    policy: LogpsModel
+    tokenizer: object
+    train_pairs: list[Pair]
+    test_pairs: list[Pair]
+    train_ref: Tensor | None  # [N, 2] reference log-probs of the training pairs; None for reference-free methods
+    initial: Tensor | None  # [M, 2] the initial model's held-out log-probs (π_0 of the common held-out metrics)
+    record: dict  # args.json
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_state: LossState | None = None) -> dict:
+    """The whole run. Returns the last metrics (held-out ones included)."""
     rank, world, device = setup_distributed()
     lock = None
     try:
@@ -1520,7 +1497,8 @@ def train(args: TrainArgs, loss_fn, needs_reference: bool, method: str, loss_sta
             if how == "complete":
                 log(f"{output_dir} holds the finished run: nothing to do")
                 return json.loads(read_metrics(output_dir / "metrics.jsonl", math.inf)[-1])
-            return _train(args, loss_fn, needs_reference, method, loss_state, output_dir, checkpoints, stop, device)
+            run = start_run(args, Method(method, loss_fn, needs_reference, loss_state), output_dir, device, how)
+            return run_steps(run, checkpoints, stop)
     finally:
         if lock is not None and rank == 0:
             os.close(lock)
@@ -1532,17 +1510,8 @@ def run_record(args: TrainArgs, method: str, **more) -> dict:
     return asdict(args) | {"method": method} | more
 
 
-RUN_KEYS = (
-    "method",
-    "run_id",
-    "command",
-    "paper",
-    "train_rows",
-    "held_out_pairs",
-    "completed_steps",
-    "hardware",
-    "reply_score",
-)
+RUN_KEYS = ("method", "run_id", "command", "paper", "train_rows", "held_out_pairs", "completed_steps", "hardware")
+RUN_KEYS += ("reply_score",)
 
 
 def command(method: str) -> str:
@@ -1588,6 +1557,30 @@ def plan_start(output_dir: Path, args: TrainArgs, method: str) -> tuple[str, lis
     return ("resume" if checkpoints else "fresh"), checkpoints
 
 
+def start_run(args: TrainArgs, method: Method, output_dir: Path, device: torch.device, how: str) -> Run:
+    """Data, model and reference log-probs: what every step reads. Also args.json, which a fresh run completes with
+    what it read."""
+    torch.manual_seed(args.seed)
+    if method.loss_state is not None:
+        method.loss_state.reset(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    train_pairs, test_pairs, train_counts = prepare_data(args, tokenizer)
+    started = read_json(output_dir / "args.json") or {}  # as plan_start wrote it when the run began
+    paper = "; ".join((sys.modules[method.loss_fn.__module__].__doc__ or method.name).strip().splitlines()[:2])
+    record = run_record(args, method.name, **{k: started.get(k) for k in ("run_id", "command")}, paper=paper)
+    record |= {"train_rows": train_counts, "held_out_pairs": len(test_pairs)}
+    if how == "fresh":
+        on_rank0(write_json, output_dir / "args.json", record)
+    model = load_model(args.model, tokenizer, torch.float32, args.seed, empty=dist.get_rank() != 0)
+    policy = shard_model(model, args, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Before any checkpoint is loaded: the reference is the initial model. Every method gets the held-out
+    # pairs' (π_0 of the common held-out metrics); only a method with a reference gets the training pairs'.
+    train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train") if method.needs_reference else None
+    initial = reference_logps(policy, test_pairs, args, pad_id, device, "held-out") if test_pairs else None
+    return Run(args, method, output_dir, device, policy, tokenizer, train_pairs, test_pairs, train_ref, initial, record)
+
+
 def prepare_data(args: TrainArgs, tokenizer) -> tuple[list[Pair], list[Pair], dict]:
     """(training pairs, held-out pairs, row counts for args.json), tokenized, every row checked before any work."""
     train_rows, train_source, test_rows, test_source = load_data(args)
@@ -1618,121 +1611,101 @@ def prepare_data(args: TrainArgs, tokenizer) -> tuple[list[Pair], list[Pair], di
     return train_pairs, test_pairs, counts
 
 
-def _train(args, loss_fn, needs_reference, method, loss_state, output_dir, checkpoints, stop, device) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed)
-    if loss_state is not None:
-        loss_state.reset(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_pairs, test_pairs, train_counts = prepare_data(args, tokenizer)
-    started = read_json(output_dir / "args.json") or {}  # as plan_start wrote it when the run began
-    paper = "; ".join((sys.modules[loss_fn.__module__].__doc__ or method).strip().splitlines()[:2])
-    record = run_record(args, method, **{k: started.get(k) for k in ("run_id", "command")}, paper=paper)
-    record |= {"train_rows": train_counts, "held_out_pairs": len(test_pairs)}  # args.json
-    if not checkpoints:
-        on_rank0(write_json, output_dir / "args.json", record)
+class MetricsLog:
+    """metrics.jsonl, one line per step, written by rank 0 and sent to the --report_to trackers. A resumed run first
+    drops the lines after its checkpoint's step, which it will write again."""
 
-    policy = shard_model(load_model(args.model, tokenizer, torch.float32, args.seed, empty=rank != 0), args, device)
-    # Before any checkpoint is loaded: the reference is the initial model. Every method gets the held-out
-    # pairs' (π_0 of the common held-out metrics); only a method with a reference gets the training pairs'.
-    train_ref = reference_logps(policy, train_pairs, args, pad_id, device, "train") if needs_reference else None
-    initial = reference_logps(policy, test_pairs, args, pad_id, device, "held-out") if test_pairs else None
+    def __init__(self, run: Run, start_step: int):
+        self.path, self.rank0 = run.output_dir / "metrics.jsonl", dist.get_rank() == 0
+        kept = read_metrics(self.path, start_step) if start_step else []
+        on_rank0(self.path.write_text, "".join(line + "\n" for line in kept))
+        self.trackers = Trackers(run.args.report_to, run.output_dir, run.record, start_step)
 
-    steps_per_epoch = len(train_pairs) // args.global_batch_size
+    def write(self, record: dict) -> None:
+        if self.rank0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+            self.trackers.log(record)
+
+
+def run_steps(run: Run, checkpoints: list[Path], stop: StopSignal) -> dict:
+    """Optimizer, resume, the steps, the saved model. Returns the last metrics."""
+    args, world, rank = run.args, dist.get_world_size(), dist.get_rank()
+    steps_per_epoch = len(run.train_pairs) // args.global_batch_size
     total_steps = steps_per_epoch * args.num_epochs
-    fused = device.type == "cuda"  # one kernel for the whole update on GPU
-    optimizer = torch.optim.AdamW(policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
-    start_step = resume(checkpoints, policy, optimizer, scheduler, loss_state) if checkpoints else 0
-    metrics_file = output_dir / "metrics.jsonl"
-    kept = read_metrics(metrics_file, start_step) if start_step else []
-    on_rank0(metrics_file.write_text, "".join(line + "\n" for line in kept))
-
-    trackers = Trackers(args.report_to, output_dir, record, start_step)
-
-    def write_metrics(result):
-        if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(result, allow_nan=False) + "\n")
-            trackers.log(result)
-
-    accumulation = args.global_batch_size // world // args.micro_batch_size
-    log(
-        f"{method}: {len(train_pairs)} pairs, {total_steps} steps of {args.global_batch_size} "
-        f"({world} x {accumulation} x {args.micro_batch_size}), {len(test_pairs)} held-out pairs, on {device.type}"
+    fused = run.device.type == "cuda"  # one kernel for the whole update on GPU
+    optimizer = torch.optim.AdamW(
+        run.policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=fused
     )
-    result = {}
-    if test_pairs and start_step == 0:
-        result = evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference)
-        bad = not_finite(result)
-        if bad:
-            raise RunStopped(f"step 0: {bad[0]} is {result[bad[0]]}; check the loss's hyper-parameters and the data")
-        write_metrics({"step": 0, **result})
-        log(f"step 0: held-out reward accuracy {result['eval/reward_accuracy']:.3f}")
-    first_accuracy = result.get("eval/reward_accuracy")
-
-    last_saved, step = (start_step or None), start_step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
+    loss_state = run.method.loss_state
+    start_step = resume(checkpoints, run.policy, optimizer, scheduler, loss_state) if checkpoints else 0
+    metrics = MetricsLog(run, start_step)
+    log(
+        f"{run.method.name}: {len(run.train_pairs)} pairs, {total_steps} steps of {args.global_batch_size} "
+        f"({world} x {args.global_batch_size // world // args.micro_batch_size} x {args.micro_batch_size}), "
+        f"{len(run.test_pairs)} held-out pairs, on {run.device.type}"
+    )
+    first = evaluate_at_start(run, metrics) if run.test_pairs and start_step == 0 else {}
+    result, last_saved, step = first, (start_step or None), start_step
     stop.in_loop = True
     try:
-        with tqdm(total=total_steps, initial=start_step, desc=method, disable=rank != 0, dynamic_ncols=True) as bar:
+        with tqdm(total=total_steps, initial=start_step, desc=run.method.name, disable=rank != 0) as bar:
             for step in range(start_step, total_steps):
                 epoch, index = divmod(step, steps_per_epoch)
                 if step == start_step or index == 0:
-                    epoch_batches = step_batches(train_pairs, args, epoch)
+                    epoch_batches = step_batches(run.train_pairs, args, epoch)
                 batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
                 result = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch}
-                result |= train_step(
-                    policy, optimizer, scheduler, batch, train_pairs, train_ref, loss_fn, args, pad_id, device
-                )
+                result |= train_step(run, optimizer, scheduler, batch)
                 result |= loss_state.metrics() if loss_state is not None else {}
-                if test_pairs and (step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)):
-                    result |= evaluate(policy, test_pairs, initial, loss_fn, args, pad_id, device, needs_reference)
+                if run.test_pairs and (
+                    step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)
+                ):
+                    result |= evaluate(run)
                 bad = not_finite(result)
                 if bad:
                     raise NonFinite(f"{bad[0]} is {result[bad[0]]}")
-                write_metrics(result)
+                metrics.write(result)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", acc=f"{result['rewards/accuracy']:.2f}")
                 bar.update()
-                stopping = not all_true(stop.received is None, device) and step + 1 < total_steps
-                if stopping or (args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps):
-                    save_checkpoint(output_dir, policy, optimizer, scheduler, step + 1, loss_state, record)
+                if checkpoint_now(run, stop, step + 1, total_steps, (optimizer, scheduler)):
                     last_saved = step + 1
-                if stopping:
-                    signum = stop.received or signal.SIGTERM
-                    raise RunStopped(
-                        f"{signal.Signals(signum).name}: stopped after step {step + 1} of {total_steps}, checkpoint "
-                        f"saved in {output_dir / CHECKPOINT}; to continue, run the same command with --resume",
-                        128 + signum,
-                    )
-        save_dtype = torch.bfloat16 if uses_bf16(args, device) else torch.float32
-        save_model(output_dir, policy, tokenizer, save_dtype)
-        if args.data == "tiny" and test_pairs:
-            record["reply_score"] = on_rank0(score_tiny_replies, output_dir)
-            log(f"generated-reply score {record['reply_score']:.3f} (0.5: ignores the request, 1: follows it)")
+        save_model(run)
     except StepFailed as e:
         raise RunStopped(f"step {step + 1}: {e}. {after_failure(e, step + 1, args, last_saved)}") from None
     finally:
-        trackers.close()
-    hardware = (
-        f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine() + ' CPU'}"
-    )
-    on_rank0(finish_run, output_dir, record | {"completed_steps": total_steps, "hardware": hardware})
-    if "eval/reward_accuracy" in result:
-        start = f"{first_accuracy:.3f} -> " if first_accuracy is not None else ""
-        log(f"held-out reward accuracy {start}{result['eval/reward_accuracy']:.3f}")
-    log(f"model saved to {output_dir}")
+        metrics.trackers.close()
+    finish_run(run, total_steps, first, result)
     return result
 
 
-def score_tiny_replies(output_dir: Path) -> float:
-    """The tiny task's generated-reply score (eval.py) of the saved model; its replies go to replies.jsonl."""
-    from eval import tiny_reply_score  # eval.py imports this file
+def evaluate_at_start(run: Run, metrics: MetricsLog) -> dict:
+    """Held-out metrics of the initial model: step 0 of metrics.jsonl."""
+    result = evaluate(run)
+    bad = not_finite(result)
+    if bad:
+        raise RunStopped(f"step 0: {bad[0]} is {result[bad[0]]}; check the loss's hyper-parameters and the data")
+    metrics.write({"step": 0, **result})
+    log(f"step 0: held-out reward accuracy {result['eval/reward_accuracy']:.3f}")
+    return result
 
-    rows = [json.loads(line) for line in (TINY_DATA_DIR / "test.jsonl").read_text().splitlines()]
-    score, replies = tiny_reply_score(str(output_dir), [row["prompt"] for row in rows])
-    (output_dir / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))
-    return score
+
+def checkpoint_now(run: Run, stop: StopSignal, step: int, total_steps: int, trainer: tuple) -> bool:
+    """A checkpoint every --save_steps, and one on a stop signal, after which the run ends in one line."""
+    args = run.args
+    stopping = not all_true(stop.received is None, run.device) and step < total_steps
+    if not (stopping or (args.save_steps and step % args.save_steps == 0 and step < total_steps)):
+        return False
+    save_checkpoint(run.output_dir, run.policy, trainer, step, run.method.loss_state, run.record)
+    if stopping:
+        signum = stop.received or signal.SIGTERM
+        raise RunStopped(
+            f"{signal.Signals(signum).name}: stopped after step {step} of {total_steps}, checkpoint saved in "
+            f"{run.output_dir / CHECKPOINT}; to continue, run the same command with --resume",
+            128 + signum,
+        )
+    return True
 
 
 def after_failure(error: StepFailed, step: int, args: TrainArgs, last_saved: int | None) -> str:
@@ -1748,12 +1721,38 @@ def after_failure(error: StepFailed, step: int, args: TrainArgs, last_saved: int
     return f"Nothing was saved from this step; {kept}. Likely cause: {cause}; start again with other flags"
 
 
-def finish_run(output_dir: Path, record: dict) -> None:
-    """Rank 0, after the model is saved: mark the run complete, write its model card, drop its checkpoints."""
-    write_json(output_dir / "args.json", record)
-    (output_dir / "README.md").write_text(model_card(output_dir))
-    remove(output_dir / CHECKPOINT)
-    remove(output_dir / OLD)
+def finish_run(run: Run, total_steps: int, first: dict, last: dict) -> None:
+    """After the model is saved: the tiny task's reply score, args.json marked complete, the model card, the
+    checkpoints dropped, and the run's summary in the log."""
+    record = run.record
+    if run.args.data == "tiny" and run.test_pairs:
+        record["reply_score"] = on_rank0(score_tiny_replies, run.output_dir)
+        log(f"generated-reply score {record['reply_score']:.3f} (0.5: ignores the request, 1: follows it)")
+    device = run.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " CPU"
+    record |= {"completed_steps": total_steps, "hardware": f"{dist.get_world_size()} x {gpu}"}
+
+    def write():
+        write_json(run.output_dir / "args.json", record)
+        (run.output_dir / "README.md").write_text(model_card(run.output_dir))
+        remove(run.output_dir / CHECKPOINT)
+        remove(run.output_dir / OLD)
+
+    on_rank0(write)
+    if "eval/reward_accuracy" in last:
+        start = f"{first['eval/reward_accuracy']:.3f} -> " if first else ""
+        log(f"held-out reward accuracy {start}{last['eval/reward_accuracy']:.3f}")
+    log(f"model saved to {run.output_dir}")
+
+
+def score_tiny_replies(output_dir: Path) -> float:
+    """The tiny task's generated-reply score (eval.py) of the saved model; its replies go to replies.jsonl."""
+    from eval import tiny_reply_score  # eval.py imports this file
+
+    rows = [json.loads(line) for line in (TINY_DATA_DIR / "test.jsonl").read_text().splitlines()]
+    score, replies = tiny_reply_score(str(output_dir), [row["prompt"] for row in rows])
+    (output_dir / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))
+    return score
 
 
 def model_card(output_dir: Path) -> str:
@@ -1784,8 +1783,12 @@ def model_card(output_dir: Path) -> str:
         "| held-out | " + " | ".join(f"step {r['step']}" for r in (evals[0], evals[-1])) + " |",
         "|---|---:|---:|",
     ]
-    for key in ("reward_accuracy", "loss", "margin"):
-        held_out.append(f"| {key.replace('_', ' ')} | {evals[0]['eval/' + key]:.4f} | {evals[-1]['eval/' + key]:.4f} |")
+    common = ("log_ratio_accuracy", "avg_logp_accuracy", "logp_per_token/chosen", "logp_per_token/rejected")
+    for key in ("reward_accuracy", "loss", "margin", *common):
+        name = key.replace("_", " ").replace("/", ", ")
+        held_out.append(f"| {name} | {evals[0]['eval/' + key]:.4f} | {evals[-1]['eval/' + key]:.4f} |")
+    if "reply_score" in run:
+        held_out += ["", f"Generated-reply score on the tiny task: {run['reply_score']:.3f} (0.5 ignores the request)."]
     flags = [f"| `--{k}` | `{v}` |" for k, v in run.items() if k not in RUN_KEYS]
     return "\n".join(
         [*header, "---", "", f"# {Path(folder).name}", ""]
@@ -1809,3 +1812,74 @@ def main(args_cls: type[TrainArgs], loss_fn, needs_reference: bool, loss_state=N
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{method}: {'error' if isinstance(e, InputError) else 'stopped'}: {e}", file=sys.stderr)
         sys.exit(e.exit_code if isinstance(e, RunStopped) else 2)
+
+
+# ---- the embedded tiny run: --model tiny --data tiny ----
+
+# A random model learns the tiny task in about 30 seconds on 2 CPU cores.
+# Applied to --model tiny for every field not given on the command line.
+TINY_DEFAULTS = dict(
+    data="tiny",
+    learning_rate=1e-3,
+    global_batch_size=32,
+    micro_batch_size=16,
+    num_epochs=2,
+    max_length=128,
+    max_prompt_length=96,
+    save_steps=50,
+    gradient_checkpointing=False,
+)
+
+# Qwen-style ChatML, without Qwen's default system prompt.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0, dtype=torch.float32):
+    """A small random Qwen2 (head_dim 64, so vLLM's CPU backend can serve it too)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=320,  # 259 tokens, rounded up
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True
+    )
+    return model

@@ -11,15 +11,14 @@ SimPO with a margin per pair instead of one γ0 = gamma_beta_ratio · β for all
 3. state: γ is solved (20 mirror-descent steps, as the authors' code) over this micro-step's gaps
    from every rank plus up to 256 - B past gaps sampled from the last 2048 (seeded; saved in checkpoints).
 
-τ sets how far the margins move: the largest γ_i is at most e^(γ0/τ) times the smallest. At γ0 = 0.25 the
-authors' τ (3 for Qwen2.5-7B, 10 for Mistral-7B) keeps every margin within a few percent of γ0, which is SimPO.
-Measured on the tiny task (bench/gammapo_tau.py), largest / smallest γ_i per micro-step: τ 3: 1.06, τ 1: 1.20,
-τ 0.3: 1.85, τ 0.1: 5.2. The default τ 0.3 lets margins range from about 0.5 to 1.4 x γ0.
+τ sets how far the margins move: the largest γ_i is at most e^(γ0/τ) times the smallest. At γ0 = 0.25 the authors' τ
+(3 for Qwen2.5-7B, 10 for Mistral-7B) keeps every margin within a few percent of γ0, which is SimPO. Measured on the
+tiny task (bench/gammapo_tau.py), largest / smallest γ_i per micro-step: τ 3: 1.06, τ 1: 1.20, τ 0.3: 1.85, τ 0.1:
+5.2. The default τ 0.3 lets margins range from about 0.5 to 1.4 x γ0 (logged each step: gamma_i/min, /mean, /max).
 
-The history is one queue for all GPUs (every rank's gaps gathered), where the authors keep one per GPU
-(2048 each, started from 8 random gaps, not checkpointed): every rank solves the same problem and a resumed
-run continues exactly, but the history spans the last 2048 pairs, not 2048 x GPUs. Held-out pairs (the loss
-called under no_grad) are solved on their own and never enter the history.
+The history is one queue for all GPUs (every rank's gaps gathered), where the authors keep one per GPU (2048 each,
+started from 8 random gaps, not checkpointed): every rank solves the same problem and a resumed run continues exactly,
+but the history spans the last 2048 pairs, not 2048 x GPUs. Held-out pairs (lp.held_out) never enter it.
 
     python gammapo.py --model tiny --data tiny
     torchrun --nproc_per_node 8 gammapo.py --beta 2.5
@@ -64,14 +63,9 @@ class GapHistory:
         self.generator = torch.Generator().manual_seed(seed)  # same seed on every rank: same samples
         self.solved = []  # this step's γ_i, every rank's pairs: the spread metrics() reports
 
-    def metrics(self) -> dict:
-        """The spread of this step's margins γ_i (the same on every rank), logged with the step's metrics."""
+    def metrics(self) -> dict:  # logged with each step: the spread of its margins, the same on every rank
         gammas, self.solved = torch.cat(self.solved), []
-        return {
-            "gamma_i/min": gammas.min().item(),
-            "gamma_i/mean": gammas.mean().item(),
-            "gamma_i/max": gammas.max().item(),
-        }
+        return {f"gamma_i/{name}": getattr(gammas, name)().item() for name in ("min", "mean", "max")}
 
     def state_dict(self) -> dict:
         return {"gaps": self.gaps.cpu(), "generator": self.generator.get_state()}
@@ -80,8 +74,8 @@ class GapHistory:
         self.gaps = state["gaps"]
         self.generator.set_state(state["generator"])
 
-    def margins(self, gaps: Tensor, gamma0: float, tau: float) -> Tensor:
-        if not torch.is_grad_enabled():  # held-out evaluation: all pairs at once, history untouched
+    def margins(self, gaps: Tensor, gamma0: float, tau: float, held_out: bool = False) -> Tensor:
+        if held_out:  # held-out evaluation: all pairs at once, history untouched
             return adaptive_margins(gaps, gamma0, tau)
         every_rank = gaps.detach().double()  # [world · B], rank 0's first
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -117,7 +111,7 @@ def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:
     chosen = lp.chosen / lp.chosen_len  # [B] average log-prob per completion token
     rejected = lp.rejected / lp.rejected_len
     gaps = args.beta * (chosen - rejected)  # g_i
-    margins = LOSS_STATE.margins(gaps, args.gamma_beta_ratio * args.beta, args.tau)  # γ_i, no gradient
+    margins = LOSS_STATE.margins(gaps, args.gamma_beta_ratio * args.beta, args.tau, lp.held_out)  # γ_i, no gradient
     losses = -F.logsigmoid(gaps - margins)
     return losses, args.beta * chosen.detach(), args.beta * rejected.detach()
 

@@ -20,7 +20,6 @@ from torch import Tensor
 import common
 
 NEEDS_REFERENCE = False
-LOSS_STATE = None  # the loss keeps nothing between steps
 
 
 @dataclass
@@ -42,4 +41,4 @@ def loss_fn(lp: common.PairLogps, args: Args) -> tuple[Tensor, Tensor, Tensor]:
 
 
 if __name__ == "__main__":
-    common.main(Args, loss_fn, needs_reference=NEEDS_REFERENCE, loss_state=LOSS_STATE)
+    common.main(Args, loss_fn, needs_reference=NEEDS_REFERENCE)

@@ -62,7 +62,7 @@ def measure(name: str, folder: Path, repeats: int, seconds: dict) -> str:
     for _ in range(repeats):
         seconds.clear()
         started = time.perf_counter()
-        common.save_checkpoint(folder, policy, optimizer, scheduler, 1, None, {"model": name})
+        common.save_checkpoint(folder, policy, (optimizer, scheduler), 1, None, {"model": name})
         saves.append((time.perf_counter() - started, seconds["seal"]))
         started = time.perf_counter()
         assert common.check_manifest(folder / common.CHECKPOINT) is None

@@ -27,9 +27,9 @@ def run(tau: float, output_dir: Path) -> tuple[list[torch.Tensor], dict]:
     """The margins of every training micro-step, and the run's last metrics."""
     used, margins = [], gammapo.GapHistory.margins
 
-    def recording(self, gaps, *args):
-        result = margins(self, gaps, *args)
-        if torch.is_grad_enabled():
+    def recording(self, gaps, gamma0, tau, held_out=False):
+        result = margins(self, gaps, gamma0, tau, held_out)
+        if not held_out:
             used.append(result.detach().clone())
         return result
 

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -166,12 +167,15 @@ def run_minpo(method: str, config: Config, work_dir: Path, gradient_checkpointin
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     info["before_train_gb"] = current_memory_gb()
+    method = common.Method(module.__name__, module.loss_fn, module.NEEDS_REFERENCE, None)
+    no_tokenizer = SimpleNamespace(pad_token_id=0)  # synthetic token ids: pad with 0
+    run = common.Run(args, method, work_dir, device, policy, no_tokenizer, pairs, [], ref, None, {})
     step_times = []
     for step in range(config.warmup_steps + config.steps):
         batch = list(range(step * config.global_batch, (step + 1) * config.global_batch))
         sync()
         started = time.perf_counter()
-        common.train_step(policy, optimizer, scheduler, batch, pairs, ref, module.loss_fn, args, 0, device)
+        common.train_step(run, optimizer, scheduler, batch)
         sync()
         step_times.append(time.perf_counter() - started)
     return {"step_times": step_times[config.warmup_steps :], **info}

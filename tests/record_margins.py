@@ -18,14 +18,14 @@ solve, margins = gammapo.adaptive_margins, gammapo.GapHistory.margins
 
 def recording_solve(gaps, *args):
     result = solve(gaps, *args)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # training (held-out pairs are evaluated under no_grad)
         solves.append((gaps.clone(), result.clone()))
     return result
 
 
-def recording_margins(self, gaps, *args):
-    result = margins(self, gaps, *args)
-    if torch.is_grad_enabled():
+def recording_margins(self, gaps, gamma0, tau, held_out=False):
+    result = margins(self, gaps, gamma0, tau, held_out)
+    if not held_out:
         used.append((gaps.detach().clone(), result.clone()))
     return result
 

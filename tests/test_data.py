@@ -90,9 +90,9 @@ def test_unknown_data_path_and_model(tmp_path):
     with pytest.raises(common.InputError, match="could not load data set 'no-such-org/no-such-data'"):
         common.load_data(common.TrainArgs(data="no-such-org/no-such-data"))
     with pytest.raises(common.InputError, match="is not a model folder"):
-        common.load_model_and_tokenizer(str(tmp_path))
+        common.load_tokenizer(str(tmp_path))
     with pytest.raises(common.InputError, match="could not load model 'no-such-org/no-such-model'"):
-        common.load_model_and_tokenizer("no-such-org/no-such-model")
+        common.load_tokenizer("no-such-org/no-such-model")
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,8 @@ LOAD_GENERATOR = eval_py.load_generator  # the real one, before any test patches
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    model, tokenizer = common.load_model_and_tokenizer("tiny")
-    model.save_pretrained(folder)
+    tokenizer = common.load_tokenizer("tiny")
+    common.load_model("tiny", tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

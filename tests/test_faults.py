@@ -34,7 +34,9 @@ class Killed(BaseException):
 def run(tmp_path, name, extra=(), method=dpo):
     argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(tmp_path / "refs")]
     args = common.parse_args(method.Args, [*argv, *FLAGS, *extra])
-    return common.train(args, method.loss_fn, method.NEEDS_REFERENCE, method.__name__, method.LOSS_STATE)
+    return common.train(
+        args, method.loss_fn, method.NEEDS_REFERENCE, method.__name__, getattr(method, "LOSS_STATE", None)
+    )
 
 
 def weights(folder):

@@ -22,7 +22,9 @@ SMALL += ["--micro_batch_size", "8", "--num_epochs", "1"]
 def run(tmp_path, name, extra=(), method=dpo, loss_fn=None):
     argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(tmp_path / "refs")]
     args = common.parse_args(method.Args, [*argv, *SMALL, *extra])
-    return common.train(args, loss_fn or method.loss_fn, method.NEEDS_REFERENCE, method.__name__, method.LOSS_STATE)
+    return common.train(
+        args, loss_fn or method.loss_fn, method.NEEDS_REFERENCE, method.__name__, getattr(method, "LOSS_STATE", None)
+    )
 
 
 def strict_json_lines(path):
@@ -197,7 +199,7 @@ def test_dropout_is_off_after_loading(tmp_path):
     for model in (common.load_model(str(tmp_path / "qwen"), tokenizer), common.disable_dropout(gpt2)):
         model.train()
         torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
-    reloaded = common.load_model_and_tokenizer(str(tmp_path / "qwen"))[0]
+    reloaded = common.load_model(str(tmp_path / "qwen"), common.load_tokenizer(str(tmp_path / "qwen")))
     reloaded.model.layers[0].self_attn.attention_dropout = 0.1  # what from_pretrained alone leaves on
     reloaded.train()
     assert not torch.equal(reloaded(ids).logits, reloaded(ids).logits)  # so the check above could fail
@@ -302,10 +304,10 @@ def test_models_load_without_remote_code(tmp_path, monkeypatch):
             return real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    model, tokenizer = common.load_model_and_tokenizer("tiny")
-    model.save_pretrained(tmp_path)
+    tokenizer = common.load_tokenizer("tiny")
+    common.load_model("tiny", tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    common.load_model_and_tokenizer(str(tmp_path))
+    common.load_model(str(tmp_path), common.load_tokenizer(str(tmp_path)))
     common.load_model(str(tmp_path), tokenizer, empty=True)
     assert {name for name, _ in calls} == {"AutoTokenizer", "AutoModelForCausalLM", "AutoConfig"}
     assert all(value is False for _, value in calls), calls

@@ -300,7 +300,7 @@ def test_gammapo_clear_pairs_get_larger_margins_than_ambiguous_ones():
 
 def test_gap_history_samples_caps_and_skips_held_out(monkeypatch):
     """Each training call solves over its B gaps plus min(history, 256 - B) sampled past ones, then appends its
-    gaps (FIFO, 2048 kept). Calls under no_grad (held-out evaluation) solve their gaps alone and append nothing.
+    gaps (FIFO, 2048 kept). Held-out calls solve their gaps alone and append nothing.
     Same seed, same samples; a saved and reloaded state continues identically."""
     solved_sizes = []
     solve = gammapo.adaptive_margins
@@ -311,8 +311,7 @@ def test_gap_history_samples_caps_and_skips_held_out(monkeypatch):
     assert solved_sizes[:3] == [16, 32, 48] and solved_sizes[-1] == 256
     assert len(history.gaps) == 2048
     before = history.gaps.clone()
-    with torch.no_grad():
-        history.margins(torch.randn(500), 0.625, 3.0)
+    history.margins(torch.randn(500), 0.625, 3.0, held_out=True)
     assert solved_sizes[-1] == 500 and torch.equal(history.gaps, before)
 
     state = history.state_dict()

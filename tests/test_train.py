@@ -34,7 +34,9 @@ def run(tmp_path, name, extra=(), method=dpo, loss_fn=None, needs_reference=None
     argv = ["--model", "tiny", "--output_dir", str(tmp_path / name), "--ref_cache_dir", str(ref_cache), *extra]
     needs_reference = method.NEEDS_REFERENCE if needs_reference is None else needs_reference
     args = common.parse_args(method.Args, argv)
-    return common.train(args, loss_fn or method.loss_fn, needs_reference, method.__name__, method.LOSS_STATE)
+    return common.train(
+        args, loss_fn or method.loss_fn, needs_reference, method.__name__, getattr(method, "LOSS_STATE", None)
+    )
 
 
 def metrics(folder):
@@ -293,8 +295,8 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, method):
 
     save = common.save_checkpoint
 
-    def save_then_crash(output_dir, policy, optimizer, scheduler, step, loss_state, record):
-        save(output_dir, policy, optimizer, scheduler, step, loss_state, record)
+    def save_then_crash(output_dir, policy, trainer, step, loss_state, record):
+        save(output_dir, policy, trainer, step, loss_state, record)
         if step == 8:
             raise KeyboardInterrupt  # as if the job were killed right after its second checkpoint
 

@@ -4,7 +4,6 @@ task's generated-reply score (0.5 for a model that ignores the request, 1.0 for 
 import json
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import alphapo
@@ -29,19 +28,19 @@ SMALL = ["--max_train_samples", "64", "--global_batch_size", "16", "--micro_batc
 def held_out_metrics(folder, method, initial):
     """common.evaluate of the model saved in folder, judged by method's loss, against the initial log-probs."""
     args = common.parse_args(method.Args, ["--model", str(folder), "--data", "tiny", "--max_test_samples", "48"])
-    common.setup_distributed()
+    _, _, device = common.setup_distributed()
     try:
         tokenizer = common.load_tokenizer(str(folder))
         _, test_pairs, _ = common.prepare_data(args, tokenizer)
-        policy = common.shard_model(common.load_model(str(folder), tokenizer), args, torch.device("cpu"))
+        policy = common.shard_model(common.load_model(str(folder), tokenizer), args, device)
         if initial is None:  # the model in folder is the initial model: its own log-probs are π_0's, computed
             # in batches of the same size as evaluate's, as a run computes its reference (else rounding breaks ties)
             batch_size, pad_id = 2 * args.micro_batch_size, tokenizer.pad_token_id
-            initial = common._shard_logps(policy, test_pairs, batch_size, pad_id, torch.device("cpu"), "π_0")[:, :2]
-        loss_fn, needs_reference = method.loss_fn, method.NEEDS_REFERENCE
-        return initial, common.evaluate(
-            policy, test_pairs, initial, loss_fn, args, tokenizer.pad_token_id, torch.device("cpu"), needs_reference
-        )
+            initial = common.all_pairs_logps(policy, test_pairs, batch_size, pad_id, device, "π_0")[:, :2]
+        loss_state = getattr(method, "LOSS_STATE", None)
+        run_method = common.Method(method.__name__, method.loss_fn, method.NEEDS_REFERENCE, loss_state)
+        run = common.Run(args, run_method, folder, device, policy, tokenizer, [], test_pairs, None, initial, {})
+        return initial, common.evaluate(run)
     finally:
         dist.destroy_process_group()
 
