@@ -1638,8 +1638,7 @@ def run_steps(run: Run, checkpoints: list[Path], stop: StopSignal) -> dict:
         run.policy.parameters(), args.learning_rate, weight_decay=args.weight_decay, fused=fused
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, args.warmup_ratio))
-    loss_state = run.method.loss_state
-    start_step = resume(checkpoints, run.policy, optimizer, scheduler, loss_state) if checkpoints else 0
+    start_step = resume(checkpoints, run.policy, optimizer, scheduler, run.method.loss_state) if checkpoints else 0
     metrics = MetricsLog(run, start_step)
     log(
         f"{run.method.name}: {len(run.train_pairs)} pairs, {total_steps} steps of {args.global_batch_size} "
@@ -1650,22 +1649,15 @@ def run_steps(run: Run, checkpoints: list[Path], stop: StopSignal) -> dict:
     result, last_saved, step = first, (start_step or None), start_step
     stop.in_loop = True
     try:
-        with tqdm(total=total_steps, initial=start_step, desc=run.method.name, disable=rank != 0) as bar:
+        bar = tqdm(total=total_steps, initial=start_step, desc=run.method.name, disable=rank != 0, dynamic_ncols=True)
+        with bar:
             for step in range(start_step, total_steps):
                 epoch, index = divmod(step, steps_per_epoch)
                 if step == start_step or index == 0:
                     epoch_batches = step_batches(run.train_pairs, args, epoch)
                 batch = epoch_batches[index][rank::world]  # rank r: every world-th pair by length
                 result = {"step": step + 1, "epoch": epoch + (index + 1) / steps_per_epoch}
-                result |= train_step(run, optimizer, scheduler, batch)
-                result |= loss_state.metrics() if loss_state is not None else {}
-                if run.test_pairs and (
-                    step + 1 == total_steps or (args.eval_steps and (step + 1) % args.eval_steps == 0)
-                ):
-                    result |= evaluate(run)
-                bad = not_finite(result)
-                if bad:
-                    raise NonFinite(f"{bad[0]} is {result[bad[0]]}")
+                result |= take_step(run, (optimizer, scheduler), batch, step + 1, total_steps)
                 metrics.write(result)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", acc=f"{result['rewards/accuracy']:.2f}")
                 bar.update()
@@ -1677,6 +1669,20 @@ def run_steps(run: Run, checkpoints: list[Path], stop: StopSignal) -> dict:
     finally:
         metrics.trackers.close()
     finish_run(run, total_steps, first, result)
+    return result
+
+
+def take_step(run: Run, trainer: tuple, batch: list[int], step: int, total_steps: int) -> dict:
+    """Step number `step` (from 1) and its metrics: the step's own, the loss state's, held-out ones at the last step
+    and every --eval_steps; any of them not finite stops the run."""
+    result = train_step(run, *trainer, batch)
+    result |= run.method.loss_state.metrics() if run.method.loss_state is not None else {}
+    eval_steps = run.args.eval_steps
+    if run.test_pairs and (step == total_steps or (eval_steps and step % eval_steps == 0)):
+        result |= evaluate(run)
+    bad = not_finite(result)
+    if bad:
+        raise NonFinite(f"{bad[0]} is {result[bad[0]]}")
     return result
 
 

@@ -279,10 +279,15 @@ def plot(path: Path, results: list[dict], args: StudyArgs):
         panel.set_xlabel("fraction of training labels flipped (p)", fontsize=8)
         panel.set_xticks(list(args.flip_fracs))
         panel.grid(alpha=0.3)
-    for panel in list(axes.flat)[len(metrics) :]:
+        panel.set_xlim(min(args.flip_fracs) - step / 2, max(args.flip_fracs) + step / 2)
+    spare = list(axes.flat)[len(metrics) :]
+    for panel in spare:
         panel.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower right" if len(metrics) % n_cols else "upper center", ncol=2, fontsize=8)
+    if spare:  # the legend in the first empty panel, else under the title
+        spare[0].legend(handles, labels, loc="center", ncol=2, fontsize=9, title="method")
+    else:
+        figure.legend(handles, labels, loc="upper right", ncol=4, fontsize=8)
     seeds = ", ".join(map(str, args.seeds))
     figure.suptitle(f"--model {args.model} --data {args.data}: mean and 95% interval over seeds {seeds}", fontsize=10)
     figure.tight_layout()

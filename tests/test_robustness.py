@@ -222,8 +222,8 @@ def test_cli_error_is_one_line(capsys):
 
 
 def test_readme_table_is_the_one_the_script_wrote(tmp_path):
-    """docs/robustness/ holds what `python robustness.py` wrote on the tiny task; the README shows its table,
-    which write_table rebuilds from results.jsonl, and in it DPO's accuracy falls at every step of p."""
+    """docs/robustness/ holds what `python robustness.py` wrote on the tiny task; the README shows its tables,
+    which write_table rebuilds from results.jsonl, and in them DPO's log-ratio accuracy falls at every step of p."""
     folder = robustness.REPO_DIR / "docs" / "robustness"
     args = robustness.StudyArgs()
     assert json.loads((folder / "study.json").read_text()) == {"model": "tiny", "data": "tiny", "train_flags": []}
@@ -233,17 +233,17 @@ def test_readme_table_is_the_one_the_script_wrote(tmp_path):
     table = (folder / "table.md").read_text()
     assert robustness.write_table(tmp_path / "table.md", results, args, []) == table
     assert table in (robustness.REPO_DIR / "README.md").read_text()
-    dpo = robustness.summarize(results)
+    dpo = robustness.summarize(results, "log_ratio_accuracy")
     means = [sum(dpo["dpo", p]) / len(dpo["dpo", p]) for p in args.flip_fracs]
     assert all(a > b for a, b in zip(means, means[1:])), means
-    assert matplotlib.image.imread(folder / "plot.png").shape[:2] == (540, 840)
+    assert matplotlib.image.imread(folder / "plot.png").shape[:2] == (792, 1518)  # 2 x 3 panels
 
 
 def test_readme_selection_table_is_the_one_the_script_wrote(tmp_path):
     folder = robustness.REPO_DIR / "docs" / "select_frac" / "same_steps"
     settings = json.loads((folder / "study.json").read_text())
     assert settings["train_flags"] == ["--select_frac", "0.5", "--num_epochs", "4"]
-    args = robustness.StudyArgs(methods=("dpo", "simpo", "gammapo"), flip_fracs=(0.0, 0.2, 0.3))
+    args = robustness.StudyArgs(methods=("dpo", "simpo", "gammapo"))
     results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
     table = robustness.write_table(tmp_path / "table.md", results, args, settings["train_flags"])
     assert table == (folder / "table.md").read_text()
