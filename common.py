@@ -1059,7 +1059,7 @@ def reference_logps(policy: LogpsModel, pairs: list[Pair], args: TrainArgs, pad_
         log(f"reference log-probs ({name}): reusing cache {cache_file}")
         return cached
     ref = all_pairs_logps(policy, pairs, 2 * args.micro_batch_size, pad_id, device, f"reference ({name})")[:, :2]
-    cached_in = f", cached in {cache_file}" if dist.get_rank() == 0 and write_ref_cache(cache_file, ref) else ""
+    cached_in = f", cached in {cache_file}" if on_rank0(write_ref_cache, cache_file, ref) else ""
     log(f"reference log-probs ({name}): computed {len(pairs)} pairs{cached_in}")
     return ref
 
@@ -1133,8 +1133,7 @@ def my_share(names) -> list:
 def seal(folder: Path, files: set[str]) -> None:
     """Each rank hashes its share of the files; rank 0 writes the manifest, which makes the checkpoint whole."""
     shares = gather({name: file_digest(folder / name) for name in my_share(files)})
-    if dist.get_rank() == 0:
-        write_json(folder / MANIFEST, {name: entry for share in shares for name, entry in share.items()})
+    on_rank0(write_json, folder / MANIFEST, {name: entry for share in shares for name, entry in share.items()})
 
 
 def check_manifest(folder: Path) -> str | None:
