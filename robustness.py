@@ -249,6 +249,8 @@ def plot(path: Path, results: list[dict], args: StudyArgs):
     import matplotlib.pyplot as plt
 
     metrics = [m for m in METRICS if summarize(results, m)]
+    if not metrics:  # no cell finished yet
+        return None
     step = min((b - a for a, b in zip(sorted(args.flip_fracs), sorted(args.flip_fracs)[1:])), default=0.1)
     n_cols = min(3, len(metrics))
     n_rows = -(-len(metrics) // n_cols)

@@ -37,7 +37,8 @@ def test_every_cell_trained_and_recorded(finished):
         metrics = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
         assert r["accuracy"] == metrics[-1]["eval/reward_accuracy"]  # the cell's own final held-out accuracy
         assert r["flipped"] == round(r["flip_frac"] * 64)
-        assert sorted(p.name for p in cell.iterdir()) == ["args.json", "metrics.jsonl", "train.log"]  # no weights
+        kept = ["args.json", "metrics.jsonl", "replies.jsonl", "train.log"]  # no weights
+        assert sorted(p.name for p in cell.iterdir()) == kept
 
 
 def test_table_is_written_from_the_results(finished):
