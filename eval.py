@@ -446,10 +446,10 @@ def tiny_reply_score(checkpoint: str, prompts: list[str], seed: int = 42) -> tup
     args = EvalArgs(checkpoint=checkpoint, backend="hf", max_new_tokens=64, seed=seed, judge="none")
     replies = hf_generator(args)(prompts, 0)
     rows = [{"instruction": p, "output": r.strip(), "score": case_score(p, r)} for p, r in zip(prompts, replies)]
-    by_case = {"upper": [], "lower": []}
+    by_case = {"upper": [], "lower": []}  # scores by the case asked for
     for row in rows:
-        by_case[asked_case(row["instruction"])].append(row)
-    means = [sum(r["score"] for r in group) / len(group) for group in by_case.values() if group]
+        by_case[asked_case(row["instruction"])].append(row["score"])
+    means = [sum(scores) / len(scores) for scores in by_case.values() if scores]
     return sum(means) / len(means), rows
 
 

@@ -286,7 +286,7 @@ def plot(path: Path, results: list[dict], args: StudyArgs):
     for panel in spare:
         panel.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if spare:  # the legend in the first empty panel, else under the title
+    if spare:  # the legend in the first empty panel, else in the figure's top right corner
         spare[0].legend(handles, labels, loc="center", ncol=2, fontsize=9, title="method")
     else:
         figure.legend(handles, labels, loc="upper right", ncol=4, fontsize=8)
